@@ -1,0 +1,224 @@
+"""`pwgroup`: argument parsing and exit codes only; the work is graphopt's.
+
+Exit codes: 0 success, 1 a reduction below --fail-under, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import sys
+import tempfile
+
+EXIT_OK, EXIT_BELOW_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pwgroup",
+        description="Replace the pointwise convolutions of a Keras or ONNX model with kEffNet's "
+        "grouped sub-architecture and report the savings.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    rewrite = sub.add_parser("rewrite", help="rewrite a model, save it and print the report")
+    rewrite.add_argument("model", help=".keras, .h5 or .onnx file, or keras.applications:Name")
+    rewrite.add_argument("-o", "--output", help="where to save (default: MODEL.pwgroup.keras/.onnx "
+                         "in the current folder)")
+    report = sub.add_parser("report", help="the same without writing a model (dry run)")
+    report.add_argument("model", nargs="+", help="model files, globs or keras.applications:Name")
+    for p in (rewrite, report):
+        p.add_argument("--mode", choices=("paper", "linear"), default="paper",
+                       help="paper: BN/activation in both branches (default); linear: only the conv")
+        p.add_argument("--min-channels-per-group", type=_positive, default=16, metavar="N")
+        p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
+        p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+        p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
+        p.add_argument("--fail-under", type=float, metavar="PCT",
+                       help="exit 1 when trainable parameters drop by less than PCT percent")
+        p.add_argument("--classes", type=_positive, help="keras.applications: number of classes")
+        p.add_argument("--input-shape", type=_shape, metavar="H,W,C",
+                       help="keras.applications: input shape")
+        p.add_argument("--trust-model", action="store_true",
+                       help="load models that need unsafe deserialisation (runs their code)")
+        p.add_argument("--quiet", action="store_true", help="print nothing on success")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected integers like 224,224,3") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError("dimensions must be positive")
+    return dims
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"pwgroup: {message}", file=sys.stderr)
+    return code
+
+
+@contextlib.contextmanager
+def _silenced_stderr():
+    """TensorFlow's C++ runtime prints to fd 2 at import; keep the user's stderr clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _expand(models: list[str]) -> list[str]:
+    out = []
+    for m in models:
+        if any(c in m for c in "*?[") and not m.startswith("keras.applications:"):
+            found = sorted(glob.glob(m, recursive=True))
+            if not found:
+                raise FileNotFoundError(f"{m}: no file matches this pattern")
+            out += found
+        else:
+            out.append(m)
+    return out
+
+
+def _precheck(source: str) -> str | None:
+    """Cheap checks before importing TensorFlow (which takes seconds)."""
+    if source.startswith("keras.applications:"):
+        return None
+    if not os.path.exists(source):
+        return f"{source}: no such file"
+    return None
+
+
+def _default_output(source: str, kind: str) -> str:
+    stem = source.split(":", 1)[1] if kind == "application" else os.path.splitext(
+        os.path.basename(source))[0]
+    return f"{stem}.pwgroup.{'onnx' if kind == 'onnx' else 'keras'}"
+
+
+def _size_when_saved(graphopt, model) -> int:
+    ext = ".onnx" if type(model).__name__ == "ModelProto" else ".keras"
+    with tempfile.TemporaryDirectory() as tmp:
+        return graphopt.save(model, os.path.join(tmp, "model" + ext))
+
+
+def _write_text(path: str, text: str, inputs: list[str]) -> None:
+    for source in inputs:
+        if os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
+            raise OSError(f"{path}: refusing to overwrite the input model")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pwgroup-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _run_one(graphopt, args, source: str, output: str | None):
+    """Load, rewrite, save (when asked) and measure one model; return its report."""
+    kind = graphopt.model_kind(source)
+    model = graphopt.load(source, classes=args.classes, input_shape=args.input_shape,
+                          trust_model=args.trust_model)
+    new_model, report = graphopt.rewrite(model, mode=args.mode,
+                                         min_channels_per_group=args.min_channels_per_group,
+                                         seed=args.seed, name=source)
+    report.totals.file_size_before = (
+        os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model))
+    if output is not None:
+        report.totals.file_size_after = graphopt.save(new_model, output, source=source)
+    else:
+        report.totals.file_size_after = _size_when_saved(graphopt, new_model)
+    return report
+
+
+def _summary(reports) -> str:
+    width = max(12, max(len(r.model) for r in reports))
+    lines = [f"{'model':{width}} {'sites':>6} {'params before':>14} {'after':>12} {'saved':>8}"]
+    for r in reports:
+        t = r.totals
+        lines.append(f"{r.model:{width}} {len(r.sites):>6} {t.trainable_params_before:>14,} "
+                     f"{t.trainable_params_after:>12,} {t.reduction_pct:>7.2f}%")
+    return "\n".join(lines) + "\n"
+
+
+def _main(args) -> int:
+    sources = _expand(args.model if isinstance(args.model, list) else [args.model])
+    for source in sources:
+        problem = _precheck(source)
+        if problem:
+            return _fail(problem)
+    with _silenced_stderr():
+        import graphopt
+    output = None
+    if args.command == "rewrite":
+        output = args.output or _default_output(sources[0], graphopt.model_kind(sources[0]))
+    reports = [_run_one(graphopt, args, s, output) for s in sources]
+    if not args.quiet:
+        for r in reports:
+            sys.stdout.write(r.to_text())
+        if len(reports) > 1:
+            sys.stdout.write("\n" + _summary(reports))
+        if output:
+            print(f"wrote {output}")
+    import json
+
+    if args.json:
+        data = reports[0].to_dict() if len(reports) == 1 else {
+            "schema_version": graphopt.report.SCHEMA_VERSION,
+            "models": [r.to_dict() for r in reports]}
+        _write_text(args.json, json.dumps(data, indent=2) + "\n", sources)
+    if args.markdown:
+        _write_text(args.markdown, "\n".join(r.to_markdown() for r in reports), sources)
+    if args.fail_under is not None:
+        below = [r for r in reports if r.totals.reduction_pct < args.fail_under]
+        for r in below:
+            _fail(f"{r.model}: trainable parameters reduced by {r.totals.reduction_pct:.2f}%, "
+                  f"below --fail-under {args.fail_under:g}%", EXIT_BELOW_THRESHOLD)
+        if below:
+            return EXIT_BELOW_THRESHOLD
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # every failure becomes one line; --debug shows the traceback
+        if args.debug:
+            raise
+        from graphopt.errors import GraphoptError
+
+        if isinstance(exc, (GraphoptError, OSError)):
+            return _fail(_one_line(exc))
+        return _fail(f"unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+                     "(run with --debug for the traceback)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

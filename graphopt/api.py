@@ -1,0 +1,119 @@
+"""The public face: rewrite(), load(), save(); dispatches to the backend that fits the model."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from graphopt.errors import InputError, OutputError, UsageError
+from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, MODES
+from graphopt.report import Report, Totals
+
+
+def _is_keras(model) -> bool:
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - keras is a dependency
+        return False
+    return isinstance(model, keras.Model)
+
+
+def _is_onnx(model) -> bool:
+    return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
+
+
+def rewrite(
+    model,
+    mode: str = "paper",
+    min_channels_per_group: int = DEFAULT_MIN_CHANNELS_PER_GROUP,
+    seed: int = 0,
+    name: str | None = None,
+):
+    """Replace every pointwise convolution of a Keras model or onnx.ModelProto; return (new, report)."""
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+    if not isinstance(min_channels_per_group, int) or min_channels_per_group < 1:
+        raise UsageError("min_channels_per_group must be a positive integer")
+    if _is_keras(model):
+        return _rewrite_keras(model, mode, min_channels_per_group, seed, name)
+    if _is_onnx(model):
+        from graphopt.backends.onnx_rewrite import rewrite_onnx
+
+        return rewrite_onnx(model, mode, min_channels_per_group, seed, name)
+    raise UsageError(f"cannot rewrite a {type(model).__name__}: give a keras.Model or an "
+                     "onnx.ModelProto")
+
+
+def keras_counts(model) -> tuple[int, int]:
+    """(all, trainable) parameters, as Keras counts them."""
+    trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
+    return int(model.count_params()), int(trainable)
+
+
+def _rewrite_keras(model, mode, min_channels_per_group, seed, name):
+    from graphopt.backends.keras_rewrite import KerasRewrite
+
+    job = KerasRewrite(mode, min_channels_per_group, seed)
+    new_model = job.model(model)
+    before, after = keras_counts(model), keras_counts(new_model)
+    totals = Totals(before[0], after[0], before[1], after[1])
+    report = Report(name or model.name, "keras", mode, min_channels_per_group, totals,
+                    job.sites, job.skipped)
+    return new_model, report
+
+
+def load(source: str, *, classes: int | None = None, input_shape=None,
+         trust_model: bool = False):
+    """Load a model from a .keras/.h5/.onnx file or a `keras.applications:Name`."""
+    from graphopt.backends import keras_io
+
+    if keras_io.is_application_name(source):
+        return keras_io.build_application(source, classes, input_shape)
+    kind = model_kind(source)
+    if kind == "onnx":
+        from graphopt.backends.onnx_io import load_onnx
+
+        return load_onnx(source)
+    return keras_io.load_keras_file(source, trust_model=trust_model)
+
+
+def model_kind(source: str) -> str:
+    """'keras', 'onnx' or 'application'; raises InputError for anything else or a missing file."""
+    from graphopt.backends.keras_io import is_application_name
+
+    if is_application_name(source):
+        return "application"
+    ext = os.path.splitext(source)[1].lower()
+    if ext not in (".keras", ".h5", ".hdf5", ".onnx"):
+        raise InputError(f"{source}: unknown model kind (expected .keras, .h5, .onnx or "
+                         "keras.applications:Name)")
+    if not os.path.exists(source):
+        raise InputError(f"{source}: no such file")
+    if not os.path.isfile(source):
+        raise InputError(f"{source}: not a file")
+    if os.path.getsize(source) == 0:
+        raise InputError(f"{source}: the file is empty")
+    return "onnx" if ext == ".onnx" else "keras"
+
+
+def save(model, path: str, source: str | None = None) -> int:
+    """Write the model atomically to `path` (never over `source`); return the file size."""
+    if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(
+            source, path):
+        raise OutputError(f"{path}: refusing to overwrite the input model")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{path}: folder {folder} does not exist")
+    if _is_onnx(model):
+        if not path.lower().endswith(".onnx"):
+            raise OutputError(f"{path}: an ONNX model must be saved to a .onnx file")
+        from graphopt.backends.onnx_io import save_onnx
+
+        save_onnx(model, path)
+    else:
+        if not path.endswith(".keras"):
+            raise OutputError(f"{path}: a Keras model is saved as .keras; name the output *.keras")
+        from graphopt.backends.keras_io import save_keras
+
+        save_keras(model, path)
+    return os.path.getsize(path)

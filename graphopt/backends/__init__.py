@@ -1,0 +1,1 @@
+"""Framework backends: each loads, finds sites, applies plans and saves; none holds the rules."""

@@ -1,0 +1,348 @@
+"""Keras graph surgery: find the sites of a model and rebuild it with each site replaced.
+
+The walk re-runs the model's nodes by depth on new tensors (as Keras' own cloning does), cloning
+every layer with its weights, so the input model is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from graphopt.backends.keras_layers import ChannelInterleave, GroupedPointwiseConv
+from graphopt.errors import UnsupportedModelError
+from graphopt.plan import PAPER, SitePlan, Skipped, plan_site
+
+_SITE_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_STATELESS_ACTIVATIONS = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+)
+
+
+def is_pointwise(layer) -> bool:
+    """A stock Keras convolution whose every kernel dimension is 1 and that has one group."""
+    return (
+        type(layer) in _SITE_TYPES
+        and all(k == 1 for k in layer.kernel_size)
+        and layer.groups == 1
+    )
+
+
+@dataclass
+class _Site:
+    """One conv layer to replace, with the BN/activation chain paper mode pulls into branches."""
+
+    plan: SitePlan
+    layer: keras.layers.Layer
+    chain: list = field(default_factory=list)
+    replacement: dict = field(default_factory=dict)
+
+
+@dataclass
+class KerasRewrite:
+    """The options of one rewrite and what it found; one instance per top-level call."""
+
+    mode: str
+    min_channels_per_group: int
+    seed: int = 0
+    sites: list[SitePlan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._rng = np.random.default_rng(self.seed)
+
+    def _next_seed(self) -> int:
+        return int(self._rng.integers(0, 2**31 - 1))
+
+    # ---- the walk -------------------------------------------------------------------------
+
+    def model(self, model: keras.Model, prefix: str = "") -> keras.Model:
+        """Return a rewritten copy of `model` (Functional or Sequential, nested ones included)."""
+        functional = _as_functional(model)
+        consumers = _consumers(functional)
+        output_ids = {id(t) for t in functional.outputs}
+        sites, absorbed = self._find_sites(functional, consumers, output_ids, prefix)
+        clones: dict[int, object] = {}
+        tensors: dict[int, object] = {}
+        new_inputs = []
+        for t in functional.inputs:
+            layer = t._keras_history.operation
+            new = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
+            tensors[id(t)] = new
+            new_inputs.append(new)
+        for depth in sorted(functional._nodes_by_depth, reverse=True):
+            for node in functional._nodes_by_depth[depth]:
+                if node.is_input or not node.operation:
+                    continue
+                args, kwargs = node.arguments.fill_in(tensors)
+                op = node.operation
+                if id(op) in absorbed:
+                    outputs = args[0]
+                elif id(op) in sites:
+                    outputs = self._replace(sites[id(op)], args[0])
+                else:
+                    outputs = self._clone(op, clones, prefix)(*args, **kwargs)
+                    _copy_weights(op, clones.get(id(op)))
+                for ref, new in zip(node.outputs, keras.tree.flatten(outputs)):
+                    tensors[id(ref)] = new
+        new_outputs = keras.tree.map_structure(
+            lambda t: tensors[id(t)], functional._outputs_struct
+        )
+        return keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0], new_outputs,
+                           name=model.name)
+
+    def _clone(self, op, clones: dict, prefix: str):
+        """A copy of a non-site operation (cached, so shared layers stay shared)."""
+        if id(op) in clones:
+            return clones[id(op)]
+        if isinstance(op, (keras.Sequential, keras.Model)) and _is_graph_model(op):
+            new = self.model(op, prefix=f"{prefix}{op.name}/")
+        elif isinstance(op, keras.Model):
+            self._skip_nested(op, prefix)
+            new = op
+        elif isinstance(op, keras.layers.Layer):
+            new = op.__class__.from_config(op.get_config())
+        else:
+            new = op  # a stateless keras.ops operation
+        clones[id(op)] = new
+        return new
+
+    def _skip_nested(self, model, prefix: str) -> None:
+        for layer in model._flatten_layers(include_self=False):
+            if is_pointwise(layer):
+                self.skipped.append(Skipped(f"{prefix}{model.name}/{layer.name}",
+                                            "inside a subclassed model, which cannot be rebuilt"))
+
+    # ---- finding sites --------------------------------------------------------------------
+
+    def _find_sites(self, model, consumers, output_ids, prefix):
+        sites: dict[int, _Site] = {}
+        absorbed: set[int] = set()
+        for layer in model.layers:
+            if not _is_candidate(layer):
+                continue
+            name = prefix + layer.name
+            if not is_pointwise(layer):
+                self.skipped.append(Skipped(name, _why_not(layer)))
+                continue
+            nodes = [n for n in layer._inbound_nodes if id(n) in consumers["__nodes__"]]
+            chain = []
+            if self.mode == PAPER and len(nodes) == 1:
+                chain = _pulled_chain(nodes[0], consumers, output_ids, _channel_axis(layer))
+            cin, filters = int(layer.kernel.shape[-2]), int(layer.kernel.shape[-1])
+            plan = plan_site(
+                name, cin, filters,
+                use_bias=layer.use_bias,
+                min_channels_per_group=self.min_channels_per_group,
+                positions=_positions(layer, nodes),
+                l_norm_per_channel=_norm_per_channel(chain),
+            )
+            if isinstance(plan, Skipped):
+                self.skipped.append(plan)
+                continue
+            self.sites.append(plan)
+            sites[id(layer)] = _Site(plan, layer, chain)
+            absorbed.update(id(op) for op in chain)
+        return sites, absorbed
+
+    # ---- the replacement ------------------------------------------------------------------
+
+    def _replace(self, site: _Site, x):
+        """K -> (BN -> act) -> interleave -> L -> (BN' -> act) -> sum, per SPEC.md."""
+        layers = site.replacement or self._make_layers(site)
+        site.replacement = layers
+        k_out = layers["k"](x)
+        for layer in layers["k_chain"]:
+            k_out = layer(k_out)
+        mixed = layers["interleave"](k_out) if "interleave" in layers else k_out
+        if "l" not in layers:
+            out = mixed
+        else:
+            l_out = layers["l"](mixed)
+            for layer in layers["l_chain"]:
+                l_out = layer(l_out)
+            out = layers["sum"]([k_out, l_out])
+        if "act" in layers:
+            out = layers["act"](out)
+        return out
+
+    def _make_layers(self, site: _Site) -> dict:
+        conv, plan, paper = site.layer, site.plan, self.mode == PAPER
+        name = conv.name
+        activation = conv.activation if paper else None
+        layers = {"k": self._grouped(conv, plan, f"{name}_k", conv.strides, activation)}
+        layers["k_chain"] = [_clone_with_weights(op) for op in site.chain]
+        axis = _channel_axis(conv)
+        if plan.has_interleave:
+            layers["interleave"] = ChannelInterleave(plan.groups, axis=axis,
+                                                     name=f"{name}_interleave")
+        if plan.has_l:
+            layers["l"] = self._grouped(conv, plan, f"{name}_l", 1, activation)
+            layers["l_chain"] = [_fresh_copy(op, f"{op.name}_l") for op in site.chain]
+            layers["sum"] = keras.layers.Add(name=f"{name}_sum")
+        if not paper and keras.activations.serialize(conv.activation) != "linear":
+            layers["act"] = keras.layers.Activation(conv.activation, name=f"{name}_act")
+        return layers
+
+    def _grouped(self, conv, plan: SitePlan, name: str, strides, activation):
+        return GroupedPointwiseConv(
+            filters=plan.filters,
+            groups=plan.groups,
+            rank=conv.rank,
+            strides=strides,
+            data_format=conv.data_format,
+            use_bias=conv.use_bias,
+            activation=activation,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=self._next_seed()),
+            bias_initializer="zeros",
+            kernel_regularizer=conv.kernel_regularizer,
+            bias_regularizer=conv.bias_regularizer,
+            kernel_constraint=conv.kernel_constraint,
+            bias_constraint=conv.bias_constraint,
+            dtype=conv.dtype_policy,
+            name=name,
+        )
+
+
+# ---- helpers over Keras' graph --------------------------------------------------------------
+
+
+def _is_graph_model(model) -> bool:
+    return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
+
+
+def _as_functional(model: keras.Model) -> keras.Model:
+    """A Functional view of `model`; Sequential models are re-traced on an Input of their shape."""
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise UnsupportedModelError(
+                f"Sequential model '{model.name}' has no known input shape; "
+                "build it (or give it an Input) first")
+        inp = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+        x = inp
+        for layer in model.layers:
+            x = layer(x)
+        return keras.Model(inp, x, name=model.name)
+    if not hasattr(model, "_nodes_by_depth"):
+        raise UnsupportedModelError(
+            f"model '{model.name}' is a subclassed Keras model; only Functional and Sequential "
+            "models can be rebuilt")
+    return model
+
+
+def _consumers(model) -> dict:
+    """Map tensor id -> nodes of this model reading it; '__nodes__' holds this model's node ids."""
+    consumers: dict = {"__nodes__": set()}
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            consumers["__nodes__"].add(id(node))
+            for t in node.input_tensors:
+                consumers.setdefault(id(t), []).append(node)
+    return consumers
+
+
+def _pulled_chain(node, consumers, output_ids, axis) -> list:
+    """The BatchNormalization and/or activation that only this conv feeds (paper mode)."""
+    chain = []
+    tensor = node.outputs[0]
+    while True:
+        readers = consumers.get(id(tensor), [])
+        if id(tensor) in output_ids or len(readers) != 1:
+            return chain
+        nxt = readers[0].operation
+        own_nodes = [n for n in nxt._inbound_nodes if id(n) in consumers["__nodes__"]]
+        if len(own_nodes) != 1 or any(v is not None for v in readers[0].arguments.kwargs.values()):
+            return chain
+        if not chain and isinstance(nxt, keras.layers.BatchNormalization) and _same_axis(
+                nxt.axis, axis, len(tensor.shape)):
+            chain.append(nxt)
+        elif isinstance(nxt, _STATELESS_ACTIVATIONS):
+            chain.append(nxt)
+            return chain
+        else:
+            return chain
+        tensor = readers[0].outputs[0]
+
+
+def _same_axis(bn_axis, conv_axis: int, rank: int) -> bool:
+    bn_axis = bn_axis[0] if isinstance(bn_axis, (list, tuple)) and len(bn_axis) == 1 else bn_axis
+    return isinstance(bn_axis, int) and bn_axis % rank == conv_axis % rank
+
+
+def _norm_per_channel(chain) -> tuple[int, int]:
+    for op in chain:
+        if isinstance(op, keras.layers.BatchNormalization):
+            trainable = int(op.scale) + int(op.center)
+            return trainable + 2, trainable
+    return 0, 0
+
+
+def _channel_axis(conv) -> int:
+    return -1 if conv.data_format == "channels_last" else 1
+
+
+def _positions(conv, nodes) -> int | None:
+    if len(nodes) != 1:
+        return None
+    shape = nodes[0].outputs[0].shape
+    spatial = shape[1:-1] if conv.data_format == "channels_last" else shape[2:]
+    if any(d is None for d in spatial):
+        return None
+    return math.prod(spatial)
+
+
+def _is_candidate(layer) -> bool:
+    """Any convolution with an all-ones kernel: a site, or a reason to say why it is not one."""
+    ks = getattr(layer, "kernel_size", None)
+    return (isinstance(layer, keras.layers.Layer) and ks is not None
+            and all(k == 1 for k in ks) and hasattr(layer, "filters"))
+
+
+def _why_not(layer) -> str:
+    if getattr(layer, "groups", 1) != 1:
+        return f"already grouped ({layer.groups} groups)"
+    return f"{type(layer).__name__} is not a stock Conv1D/2D/3D"
+
+
+def _clone_with_weights(op):
+    return _WeightsOnBuild(op.__class__.from_config(op.get_config()), op)
+
+
+def _fresh_copy(op, name: str):
+    config = op.get_config()
+    config["name"] = name
+    if isinstance(op, keras.layers.BatchNormalization):
+        config.update(beta_initializer="zeros", gamma_initializer="ones",
+                      moving_mean_initializer="zeros", moving_variance_initializer="ones")
+    return op.__class__.from_config(config)
+
+
+class _WeightsOnBuild:
+    """Calls a cloned layer and copies the original's weights once it is built."""
+
+    def __init__(self, new, original):
+        self.new, self.original = new, original
+
+    def __call__(self, *args, **kwargs):
+        out = self.new(*args, **kwargs)
+        _copy_weights(self.original, self.new)
+        return out
+
+
+def _copy_weights(original, new) -> None:
+    if new is None or new is original or not isinstance(original, keras.layers.Layer):
+        return
+    if isinstance(original, keras.Model):
+        return  # nested models are rebuilt with their own weights
+    if getattr(new, "_graphopt_copied", False):
+        return
+    weights = original.get_weights()
+    if weights:
+        new.set_weights(weights)
+    new._graphopt_copied = True

@@ -1,0 +1,148 @@
+"""The rules of SPEC.md and their accounting: pure integers, no framework.
+
+A *site* is a pointwise convolution. Its plan says how many *groups* K and L get, the
+*interleave* step, whether L exists, and what that costs in parameters and
+multiply-accumulates (MACs) before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PAPER = "paper"
+LINEAR = "linear"
+MODES = (PAPER, LINEAR)
+DEFAULT_MIN_CHANNELS_PER_GROUP = 16
+
+
+def max_groups(cin: int, filters: int, min_channels_per_group: int) -> int:
+    """Largest d <= cin // m dividing both cin and filters (the paper's common divisor)."""
+    if cin < 1 or filters < 1 or min_channels_per_group < 1:
+        raise ValueError("channel counts and min_channels_per_group must be positive")
+    d = max(1, min(cin, filters, cin // min_channels_per_group))
+    while d > 1 and (cin % d or filters % d):
+        d -= 1
+    return d
+
+
+def interleave_permutation(channels: int, groups: int) -> list[int]:
+    """Source channel of each output channel: output j*N + i takes input i*s + j."""
+    step = channels // groups
+    return [i * step + j for j in range(step) for i in range(groups)]
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What replaces one pointwise convolution, and what it costs."""
+
+    name: str
+    cin: int
+    filters: int
+    groups: int
+    use_bias: bool
+    positions: int | None = None
+    """Output positions per sample (H*W...), None when the model's shape leaves it open."""
+    l_norm_params: int = 0
+    """Parameters of the normalisation added for L in paper mode (0 when none)."""
+    l_norm_trainable: int = 0
+
+    @property
+    def interleave_step(self) -> int:
+        return self.filters // self.groups
+
+    @property
+    def has_interleave(self) -> bool:
+        return self.interleave_step > 1
+
+    @property
+    def has_l(self) -> bool:
+        return self.cin >= self.filters
+
+    @property
+    def k_params(self) -> int:
+        return self.cin * self.filters // self.groups + (self.filters if self.use_bias else 0)
+
+    @property
+    def l_params(self) -> int:
+        if not self.has_l:
+            return 0
+        return self.filters * self.filters // self.groups + (self.filters if self.use_bias else 0)
+
+    @property
+    def params_before(self) -> int:
+        return self.cin * self.filters + (self.filters if self.use_bias else 0)
+
+    @property
+    def params_after(self) -> int:
+        return self.k_params + self.l_params + self.l_norm_params
+
+    @property
+    def trainable_after(self) -> int:
+        return self.k_params + self.l_params + self.l_norm_trainable
+
+    @property
+    def macs_before(self) -> int | None:
+        return None if self.positions is None else self.positions * self.cin * self.filters
+
+    @property
+    def macs_after(self) -> int | None:
+        if self.positions is None:
+            return None
+        per_position = self.cin * self.filters // self.groups
+        if self.has_l:
+            per_position += self.filters * self.filters // self.groups
+        return self.positions * per_position
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("interleave_step", "has_l", "params_before", "params_after", "macs_before",
+                    "macs_after", "k_params", "l_params"):
+            data[key] = getattr(self, key)
+        return data
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A pointwise convolution (or candidate) left as it is, and why."""
+
+    name: str
+    reason: str
+    cin: int | None = None
+    filters: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_site(
+    name: str,
+    cin: int,
+    filters: int,
+    *,
+    use_bias: bool,
+    min_channels_per_group: int = DEFAULT_MIN_CHANNELS_PER_GROUP,
+    positions: int | None = None,
+    l_norm_per_channel: tuple[int, int] = (0, 0),
+) -> SitePlan | Skipped:
+    """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN."""
+    groups = max_groups(cin, filters, min_channels_per_group)
+    if groups <= 1:
+        return Skipped(
+            name,
+            f"only one group possible (Cin={cin}, F={filters}, "
+            f"m={min_channels_per_group})",
+            cin,
+            filters,
+        )
+    has_l = cin >= filters
+    norm_all, norm_trainable = l_norm_per_channel if has_l else (0, 0)
+    return SitePlan(
+        name=name,
+        cin=cin,
+        filters=filters,
+        groups=groups,
+        use_bias=use_bias,
+        positions=positions,
+        l_norm_params=norm_all * filters,
+        l_norm_trainable=norm_trainable * filters,
+    )

@@ -1,0 +1,213 @@
+"""The savings report: the plans of all sites plus model totals, rendered as text, JSON, Markdown."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from graphopt.plan import SitePlan, Skipped
+
+SCHEMA_VERSION = 1
+
+
+def _pct(before: int | None, after: int | None) -> float:
+    if not before or after is None:
+        return 0.0
+    return round(100.0 * (before - after) / before, 2)
+
+
+@dataclass
+class Totals:
+    """Counts for the whole model, as the framework itself reports them."""
+
+    params_before: int
+    params_after: int
+    trainable_params_before: int
+    trainable_params_after: int
+    file_size_before: int | None = None
+    file_size_after: int | None = None
+
+    @property
+    def reduction_pct(self) -> float:
+        """Reduction of trainable parameters, the figure of the paper's Table 2."""
+        return _pct(self.trainable_params_before, self.trainable_params_after)
+
+    @property
+    def params_reduction_pct(self) -> float:
+        return _pct(self.params_before, self.params_after)
+
+
+@dataclass
+class Report:
+    """Everything a rewrite found and changed; the one thing renderers and tests read."""
+
+    model: str
+    backend: str
+    mode: str
+    min_channels_per_group: int
+    totals: Totals
+    sites: list[SitePlan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def site_macs_before(self) -> int | None:
+        return _sum_or_none(s.macs_before for s in self.sites)
+
+    @property
+    def site_macs_after(self) -> int | None:
+        return _sum_or_none(s.macs_after for s in self.sites)
+
+    def to_dict(self) -> dict:
+        totals = {
+            "params_before": self.totals.params_before,
+            "params_after": self.totals.params_after,
+            "trainable_params_before": self.totals.trainable_params_before,
+            "trainable_params_after": self.totals.trainable_params_after,
+            "reduction_pct": self.totals.reduction_pct,
+            "params_reduction_pct": self.totals.params_reduction_pct,
+            "site_macs_before": self.site_macs_before,
+            "site_macs_after": self.site_macs_after,
+            "file_size_before": self.totals.file_size_before,
+            "file_size_after": self.totals.file_size_after,
+            "sites": len(self.sites),
+            "skipped": len(self.skipped),
+        }
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "backend": self.backend,
+            "mode": self.mode,
+            "min_channels_per_group": self.min_channels_per_group,
+            "totals": totals,
+            "sites": [s.as_dict() for s in self.sites],
+            "skipped": [s.as_dict() for s in self.skipped],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_text(self, width: int = 80) -> str:
+        return render_text(self, width)
+
+    def to_markdown(self) -> str:
+        return render_markdown(self)
+
+
+def _sum_or_none(values) -> int | None:
+    total = 0
+    for v in values:
+        if v is None:
+            return None
+        total += v
+    return total
+
+
+def human(n: int | None) -> str:
+    """12,345,678 -> '12.3M'; short enough for an 80-column table."""
+    if n is None:
+        return "-"
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def shorten(name: str, width: int) -> str:
+    """Keep both ends of a long layer name: 'block6a_expand_conv' -> 'block6…d_conv'."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    tail = width - 1 - head
+    return name[:head] + "…" + name[-tail:]
+
+
+_COLUMNS = ("Cin", "F", "N", "step", "L", "params", "after", "MACs", "after")
+
+
+def _site_row(s: SitePlan) -> tuple:
+    return (s.cin, s.filters, s.groups, s.interleave_step, "yes" if s.has_l else "no",
+            human(s.params_before), human(s.params_after), human(s.macs_before),
+            human(s.macs_after))
+
+
+def render_text(report: Report, width: int = 80) -> str:
+    widths = (5, 5, 4, 4, 3, 7, 7, 7, 7)
+    name_width = max(12, width - sum(w + 1 for w in widths) - 1)
+    lines = [f"pwgroup {report.mode} mode, min {report.min_channels_per_group} channels per group: "
+             f"{report.model}"]
+    header = "site".ljust(name_width) + " " + " ".join(
+        c.rjust(w) for c, w in zip(_COLUMNS, widths))
+    lines += [header, "-" * len(header)]
+    for s in report.sites:
+        cells = " ".join(str(v).rjust(w) for v, w in zip(_site_row(s), widths))
+        lines.append(shorten(s.name, name_width).ljust(name_width) + " " + cells)
+    if not report.sites:
+        lines.append("(no pointwise convolution could be grouped)")
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)}:")
+        for sk in report.skipped:
+            lines.append(f"  {shorten(sk.name, 30)}: {sk.reason}"[:width])
+    lines.append("")
+    lines += _totals_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def _totals_lines(report: Report) -> list[str]:
+    t = report.totals
+    rows = [
+        ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
+        ("trainable parameters", t.trainable_params_before, t.trainable_params_after,
+         t.reduction_pct),
+        ("pointwise MACs", report.site_macs_before, report.site_macs_after,
+         _pct(report.site_macs_before, report.site_macs_after)),
+    ]
+    if t.file_size_before is not None:
+        rows.append(("file size (bytes)", t.file_size_before, t.file_size_after,
+                     _pct(t.file_size_before, t.file_size_after)))
+    out = [f"{'':22}{'before':>15}{'after':>15}{'saved':>9}"]
+    for label, before, after, pct in rows:
+        b = "-" if before is None else f"{before:,}"
+        a = "-" if after is None else f"{after:,}"
+        out.append(f"{label:22}{b:>15}{a:>15}{pct:>8.2f}%")
+    out.append(f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
+               f"trainable parameters reduced by {t.reduction_pct:.2f}%")
+    return out
+
+
+def render_markdown(report: Report) -> str:
+    t = report.totals
+    lines = [
+        f"### pwgroup: `{report.model}` ({report.mode} mode)",
+        "",
+        f"**Trainable parameters reduced by {t.reduction_pct:.2f}%**: "
+        f"{t.trainable_params_before:,} → {t.trainable_params_after:,} "
+        f"({len(report.sites)} sites rewritten, {len(report.skipped)} skipped).",
+        "",
+        "| | before | after | saved |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, before, after, pct in (
+        ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
+        ("trainable parameters", t.trainable_params_before, t.trainable_params_after,
+         t.reduction_pct),
+        ("pointwise MACs", report.site_macs_before, report.site_macs_after,
+         _pct(report.site_macs_before, report.site_macs_after)),
+        ("file size (bytes)", t.file_size_before, t.file_size_after,
+         _pct(t.file_size_before, t.file_size_after)),
+    ):
+        b = "–" if before is None else f"{before:,}"
+        a = "–" if after is None else f"{after:,}"
+        lines.append(f"| {label} | {b} | {a} | {pct:.2f}% |")
+    lines += ["", "<details><summary>Sites</summary>", "",
+              "| site | Cin | F | groups | step | L | params before | after | MACs before | after |",
+              "|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|"]
+    for s in report.sites:
+        lines.append(
+            f"| `{s.name}` | {s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
+            f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,} | "
+            f"{human(s.macs_before)} | {human(s.macs_after)} |")
+    if report.skipped:
+        lines += ["", "| skipped | reason |", "|---|---|"]
+        lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
