@@ -24,24 +24,39 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     rewrite = sub.add_parser("rewrite", help="rewrite a model, save it and print the report")
     rewrite.add_argument("model", help=".keras, .h5 or .onnx file, or keras.applications:Name")
-    rewrite.add_argument("-o", "--output", help="where to save (default: MODEL.pwgroup.keras/.onnx "
-                         "in the current folder)")
+    rewrite.add_argument(
+        "-o",
+        "--output",
+        help="where to save (default: MODEL.pwgroup.keras/.onnx in the current folder)",
+    )
     report = sub.add_parser("report", help="the same without writing a model (dry run)")
     report.add_argument("model", nargs="+", help="model files, globs or keras.applications:Name")
     for p in (rewrite, report):
-        p.add_argument("--mode", choices=("paper", "linear"), default="paper",
-                       help="paper: BN/activation in both branches (default); linear: only the conv")
+        p.add_argument(
+            "--mode",
+            choices=("paper", "linear"),
+            default="paper",
+            help="paper: BN/activation in both branches (default); linear: only the conv",
+        )
         p.add_argument("--min-channels-per-group", type=_positive, default=16, metavar="N")
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
-        p.add_argument("--fail-under", type=float, metavar="PCT",
-                       help="exit 1 when trainable parameters drop by less than PCT percent")
+        p.add_argument(
+            "--fail-under",
+            type=float,
+            metavar="PCT",
+            help="exit 1 when trainable parameters drop by less than PCT percent",
+        )
         p.add_argument("--classes", type=_positive, help="keras.applications: number of classes")
-        p.add_argument("--input-shape", type=_shape, metavar="H,W,C",
-                       help="keras.applications: input shape")
-        p.add_argument("--trust-model", action="store_true",
-                       help="load models that need unsafe deserialisation (runs their code)")
+        p.add_argument(
+            "--input-shape", type=_shape, metavar="H,W,C", help="keras.applications: input shape"
+        )
+        p.add_argument(
+            "--trust-model",
+            action="store_true",
+            help="load models that need unsafe deserialisation (runs their code)",
+        )
         p.add_argument("--quiet", action="store_true", help="print nothing on success")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -107,8 +122,11 @@ def _precheck(source: str) -> str | None:
 
 
 def _default_output(source: str, kind: str) -> str:
-    stem = source.split(":", 1)[1] if kind == "application" else os.path.splitext(
-        os.path.basename(source))[0]
+    stem = (
+        source.split(":", 1)[1]
+        if kind == "application"
+        else os.path.splitext(os.path.basename(source))[0]
+    )
     return f"{stem}.pwgroup.{'onnx' if kind == 'onnx' else 'keras'}"
 
 
@@ -136,13 +154,19 @@ def _write_text(path: str, text: str, inputs: list[str]) -> None:
 def _run_one(graphopt, args, source: str, output: str | None):
     """Load, rewrite, save (when asked) and measure one model; return its report."""
     kind = graphopt.model_kind(source)
-    model = graphopt.load(source, classes=args.classes, input_shape=args.input_shape,
-                          trust_model=args.trust_model)
-    new_model, report = graphopt.rewrite(model, mode=args.mode,
-                                         min_channels_per_group=args.min_channels_per_group,
-                                         seed=args.seed, name=source)
+    model = graphopt.load(
+        source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
+    )
+    new_model, report = graphopt.rewrite(
+        model,
+        mode=args.mode,
+        min_channels_per_group=args.min_channels_per_group,
+        seed=args.seed,
+        name=source,
+    )
     report.totals.file_size_before = (
-        os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model))
+        os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
+    )
     if output is not None:
         report.totals.file_size_after = graphopt.save(new_model, output, source=source)
     else:
@@ -155,8 +179,10 @@ def _summary(reports) -> str:
     lines = [f"{'model':{width}} {'sites':>6} {'params before':>14} {'after':>12} {'saved':>8}"]
     for r in reports:
         t = r.totals
-        lines.append(f"{r.model:{width}} {len(r.sites):>6} {t.trainable_params_before:>14,} "
-                     f"{t.trainable_params_after:>12,} {t.reduction_pct:>7.2f}%")
+        lines.append(
+            f"{r.model:{width}} {len(r.sites):>6} {t.trainable_params_before:>14,} "
+            f"{t.trainable_params_after:>12,} {t.reduction_pct:>7.2f}%"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -182,17 +208,25 @@ def _main(args) -> int:
     import json
 
     if args.json:
-        data = reports[0].to_dict() if len(reports) == 1 else {
-            "schema_version": graphopt.report.SCHEMA_VERSION,
-            "models": [r.to_dict() for r in reports]}
+        data = (
+            reports[0].to_dict()
+            if len(reports) == 1
+            else {
+                "schema_version": graphopt.report.SCHEMA_VERSION,
+                "models": [r.to_dict() for r in reports],
+            }
+        )
         _write_text(args.json, json.dumps(data, indent=2) + "\n", sources)
     if args.markdown:
         _write_text(args.markdown, "\n".join(r.to_markdown() for r in reports), sources)
     if args.fail_under is not None:
         below = [r for r in reports if r.totals.reduction_pct < args.fail_under]
         for r in below:
-            _fail(f"{r.model}: trainable parameters reduced by {r.totals.reduction_pct:.2f}%, "
-                  f"below --fail-under {args.fail_under:g}%", EXIT_BELOW_THRESHOLD)
+            _fail(
+                f"{r.model}: trainable parameters reduced by {r.totals.reduction_pct:.2f}%, "
+                f"below --fail-under {args.fail_under:g}%",
+                EXIT_BELOW_THRESHOLD,
+            )
         if below:
             return EXIT_BELOW_THRESHOLD
     return EXIT_OK
@@ -211,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (GraphoptError, OSError)):
             return _fail(_one_line(exc))
-        return _fail(f"unexpected error: {type(exc).__name__}: {_one_line(exc)} "
-                     "(run with --debug for the traceback)")
+        return _fail(
+            f"unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+            "(run with --debug for the traceback)"
+        )
 
 
 def _one_line(exc: BaseException) -> str:

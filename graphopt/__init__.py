@@ -9,17 +9,27 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Registers GroupedPointwiseConv and ChannelInterleave, so that a rewritten model saved as
+# .keras reloads with keras.models.load_model once graphopt is imported.
+import graphopt.backends.keras_layers  # noqa: E402,F401
 from graphopt.api import load, model_kind, rewrite, save  # noqa: E402
 from graphopt.errors import GraphoptError  # noqa: E402
 from graphopt.plan import SitePlan, Skipped, max_groups, plan_site  # noqa: E402
 from graphopt.report import Report, Totals  # noqa: E402
 
-# Registers GroupedPointwiseConv and ChannelInterleave, so that a rewritten model saved as
-# .keras reloads with keras.models.load_model once graphopt is imported.
-import graphopt.backends.keras_layers  # noqa: E402,F401
-
 __version__ = "0.1.0"
 
 
-__all__ = ["GraphoptError", "Report", "SitePlan", "Skipped", "Totals", "load", "max_groups",
-           "model_kind", "plan_site", "rewrite", "save"]
+__all__ = [
+    "GraphoptError",
+    "Report",
+    "SitePlan",
+    "Skipped",
+    "Totals",
+    "load",
+    "max_groups",
+    "model_kind",
+    "plan_site",
+    "rewrite",
+    "save",
+]

@@ -29,7 +29,7 @@ def rewrite(
     seed: int = 0,
     name: str | None = None,
 ):
-    """Replace every pointwise convolution of a Keras model or onnx.ModelProto; return (new, report)."""
+    """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report)."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
     if not isinstance(min_channels_per_group, int) or min_channels_per_group < 1:
@@ -40,8 +40,9 @@ def rewrite(
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
         return rewrite_onnx(model, mode, min_channels_per_group, seed, name)
-    raise UsageError(f"cannot rewrite a {type(model).__name__}: give a keras.Model or an "
-                     "onnx.ModelProto")
+    raise UsageError(
+        f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"
+    )
 
 
 def keras_counts(model) -> tuple[int, int]:
@@ -57,13 +58,13 @@ def _rewrite_keras(model, mode, min_channels_per_group, seed, name):
     new_model = job.model(model)
     before, after = keras_counts(model), keras_counts(new_model)
     totals = Totals(before[0], after[0], before[1], after[1])
-    report = Report(name or model.name, "keras", mode, min_channels_per_group, totals,
-                    job.sites, job.skipped)
+    report = Report(
+        name or model.name, "keras", mode, min_channels_per_group, totals, job.sites, job.skipped
+    )
     return new_model, report
 
 
-def load(source: str, *, classes: int | None = None, input_shape=None,
-         trust_model: bool = False):
+def load(source: str, *, classes: int | None = None, input_shape=None, trust_model: bool = False):
     """Load a model from a .keras/.h5/.onnx file or a `keras.applications:Name`."""
     from graphopt.backends import keras_io
 
@@ -85,8 +86,9 @@ def model_kind(source: str) -> str:
         return "application"
     ext = os.path.splitext(source)[1].lower()
     if ext not in (".keras", ".h5", ".hdf5", ".onnx"):
-        raise InputError(f"{source}: unknown model kind (expected .keras, .h5, .onnx or "
-                         "keras.applications:Name)")
+        raise InputError(
+            f"{source}: unknown model kind (expected .keras, .h5, .onnx or keras.applications:Name)"
+        )
     if not os.path.exists(source):
         raise InputError(f"{source}: no such file")
     if not os.path.isfile(source):
@@ -98,8 +100,12 @@ def model_kind(source: str) -> str:
 
 def save(model, path: str, source: str | None = None) -> int:
     """Write the model atomically to `path` (never over `source`); return the file size."""
-    if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(
-            source, path):
+    if (
+        source
+        and os.path.exists(source)
+        and os.path.exists(path)
+        and os.path.samefile(source, path)
+    ):
         raise OutputError(f"{path}: refusing to overwrite the input model")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

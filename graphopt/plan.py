@@ -95,8 +95,16 @@ class SitePlan:
 
     def as_dict(self) -> dict:
         data = asdict(self)
-        for key in ("interleave_step", "has_l", "params_before", "params_after", "macs_before",
-                    "macs_after", "k_params", "l_params"):
+        for key in (
+            "interleave_step",
+            "has_l",
+            "params_before",
+            "params_after",
+            "macs_before",
+            "macs_after",
+            "k_params",
+            "l_params",
+        ):
             data[key] = getattr(self, key)
         return data
 
@@ -129,8 +137,7 @@ def plan_site(
     if groups <= 1:
         return Skipped(
             name,
-            f"only one group possible (Cin={cin}, F={filters}, "
-            f"m={min_channels_per_group})",
+            f"only one group possible (Cin={cin}, F={filters}, m={min_channels_per_group})",
             cin,
             filters,
         )

@@ -1,4 +1,4 @@
-"""The savings report: the plans of all sites plus model totals, rendered as text, JSON, Markdown."""
+"""The savings report: plans of all sites and model totals, as text, JSON, Markdown."""
 
 from __future__ import annotations
 
@@ -125,18 +125,27 @@ _COLUMNS = ("Cin", "F", "N", "step", "L", "params", "after", "MACs", "after")
 
 
 def _site_row(s: SitePlan) -> tuple:
-    return (s.cin, s.filters, s.groups, s.interleave_step, "yes" if s.has_l else "no",
-            human(s.params_before), human(s.params_after), human(s.macs_before),
-            human(s.macs_after))
+    return (
+        s.cin,
+        s.filters,
+        s.groups,
+        s.interleave_step,
+        "yes" if s.has_l else "no",
+        human(s.params_before),
+        human(s.params_after),
+        human(s.macs_before),
+        human(s.macs_after),
+    )
 
 
 def render_text(report: Report, width: int = 80) -> str:
     widths = (5, 5, 4, 4, 3, 7, 7, 7, 7)
     name_width = max(12, width - sum(w + 1 for w in widths) - 1)
-    lines = [f"pwgroup {report.mode} mode, min {report.min_channels_per_group} channels per group: "
-             f"{report.model}"]
-    header = "site".ljust(name_width) + " " + " ".join(
-        c.rjust(w) for c, w in zip(_COLUMNS, widths))
+    lines = [
+        f"pwgroup {report.mode} mode, min {report.min_channels_per_group} channels per group: "
+        f"{report.model}"
+    ]
+    header = "site".ljust(name_width) + " " + " ".join(c.rjust(w) for c, w in zip(_COLUMNS, widths))
     lines += [header, "-" * len(header)]
     for s in report.sites:
         cells = " ".join(str(v).rjust(w) for v, w in zip(_site_row(s), widths))
@@ -156,21 +165,37 @@ def _totals_lines(report: Report) -> list[str]:
     t = report.totals
     rows = [
         ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
-        ("trainable parameters", t.trainable_params_before, t.trainable_params_after,
-         t.reduction_pct),
-        ("pointwise MACs", report.site_macs_before, report.site_macs_after,
-         _pct(report.site_macs_before, report.site_macs_after)),
+        (
+            "trainable parameters",
+            t.trainable_params_before,
+            t.trainable_params_after,
+            t.reduction_pct,
+        ),
+        (
+            "pointwise MACs",
+            report.site_macs_before,
+            report.site_macs_after,
+            _pct(report.site_macs_before, report.site_macs_after),
+        ),
     ]
     if t.file_size_before is not None:
-        rows.append(("file size (bytes)", t.file_size_before, t.file_size_after,
-                     _pct(t.file_size_before, t.file_size_after)))
+        rows.append(
+            (
+                "file size (bytes)",
+                t.file_size_before,
+                t.file_size_after,
+                _pct(t.file_size_before, t.file_size_after),
+            )
+        )
     out = [f"{'':22}{'before':>15}{'after':>15}{'saved':>9}"]
     for label, before, after, pct in rows:
         b = "-" if before is None else f"{before:,}"
         a = "-" if after is None else f"{after:,}"
         out.append(f"{label:22}{b:>15}{a:>15}{pct:>8.2f}%")
-    out.append(f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
-               f"trainable parameters reduced by {t.reduction_pct:.2f}%")
+    out.append(
+        f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
+        f"trainable parameters reduced by {t.reduction_pct:.2f}%"
+    )
     return out
 
 
@@ -188,24 +213,41 @@ def render_markdown(report: Report) -> str:
     ]
     for label, before, after, pct in (
         ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
-        ("trainable parameters", t.trainable_params_before, t.trainable_params_after,
-         t.reduction_pct),
-        ("pointwise MACs", report.site_macs_before, report.site_macs_after,
-         _pct(report.site_macs_before, report.site_macs_after)),
-        ("file size (bytes)", t.file_size_before, t.file_size_after,
-         _pct(t.file_size_before, t.file_size_after)),
+        (
+            "trainable parameters",
+            t.trainable_params_before,
+            t.trainable_params_after,
+            t.reduction_pct,
+        ),
+        (
+            "pointwise MACs",
+            report.site_macs_before,
+            report.site_macs_after,
+            _pct(report.site_macs_before, report.site_macs_after),
+        ),
+        (
+            "file size (bytes)",
+            t.file_size_before,
+            t.file_size_after,
+            _pct(t.file_size_before, t.file_size_after),
+        ),
     ):
         b = "–" if before is None else f"{before:,}"
         a = "–" if after is None else f"{after:,}"
         lines.append(f"| {label} | {b} | {a} | {pct:.2f}% |")
-    lines += ["", "<details><summary>Sites</summary>", "",
-              "| site | Cin | F | groups | step | L | params before | after | MACs before | after |",
-              "|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "<details><summary>Sites</summary>",
+        "",
+        "| site | Cin | F | groups | step | L | params before | after | MACs before | after |",
+        "|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
+    ]
     for s in report.sites:
         lines.append(
             f"| `{s.name}` | {s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
             f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,} | "
-            f"{human(s.macs_before)} | {human(s.macs_after)} |")
+            f"{human(s.macs_before)} | {human(s.macs_after)} |"
+        )
     if report.skipped:
         lines += ["", "| skipped | reason |", "|---|---|"]
         lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]

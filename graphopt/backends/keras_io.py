@@ -21,7 +21,7 @@ def build_application(source: str, classes: int | None = None, input_shape=None)
     """`keras.applications:EfficientNetB0` -> that model with weights=None (nothing downloaded)."""
     import keras
 
-    name = source[len(APPLICATIONS_PREFIX):]
+    name = source[len(APPLICATIONS_PREFIX) :]
     factory = getattr(keras.applications, name, None)
     if not name or not name[0].isupper() or not callable(factory):
         raise InputError(f"{source}: keras.applications has no model named '{name}'")
@@ -45,15 +45,18 @@ def check_config_safe(config, source: str) -> None:
         if cls in _UNSAFE_CLASSES:
             raise UnsafeModelError(
                 f"{source}: contains a {cls} layer ('{_layer_name(node)}'), which runs arbitrary "
-                "code when loaded; pass --trust-model if you trust this file")
-        if module and not module.split(".")[0] in _TRUSTED_MODULE_PREFIXES:
+                "code when loaded; pass --trust-model if you trust this file"
+            )
+        if module and module.split(".")[0] not in _TRUSTED_MODULE_PREFIXES:
             raise UnsafeModelError(
                 f"{source}: refers to '{module}.{registered or cls}', a class outside keras and "
-                "graphopt; pass --trust-model if you trust this file")
+                "graphopt; pass --trust-model if you trust this file"
+            )
         if cls == "function" or (registered and "__lambda__" in registered):
             raise UnsafeModelError(
                 f"{source}: contains a serialised Python function; pass --trust-model if you "
-                "trust this file")
+                "trust this file"
+            )
 
 
 def _walk(obj):
@@ -83,8 +86,10 @@ def _read_config(path: str) -> dict:
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
             if raw is None:
-                raise InputError(f"{path}: the HDF5 file holds no Keras model config "
-                                 "(weights-only files cannot be rewritten)")
+                raise InputError(
+                    f"{path}: the HDF5 file holds no Keras model config "
+                    "(weights-only files cannot be rewritten)"
+                )
             return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable Keras model ({_first_line(exc)})") from exc

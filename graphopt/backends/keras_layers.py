@@ -9,8 +9,6 @@ from __future__ import annotations
 import keras
 from keras import activations, constraints, initializers, ops, regularizers
 
-from graphopt.plan import interleave_permutation
-
 # Measured (benchmarks/keras_grouped_conv.py, 2-core CPU, forward+backward, batch 32): a dense
 # matmul with a block-diagonal kernel built from the grouped one runs at dense speed and wins
 # for few groups (240->40, 8 groups: 25 ms vs 50 ms); a batched matmul over the groups wins for
@@ -51,7 +49,9 @@ class GroupedPointwiseConv(keras.layers.Layer):
         self.filters = int(filters)
         self.groups = int(groups)
         self.rank = int(rank)
-        self.strides = tuple(strides) if isinstance(strides, (list, tuple)) else (int(strides),) * self.rank
+        self.strides = (
+            tuple(strides) if isinstance(strides, (list, tuple)) else (int(strides),) * self.rank
+        )
         self.data_format = data_format
         self.use_bias = bool(use_bias)
         self.activation = activations.get(activation)
@@ -110,8 +110,9 @@ class GroupedPointwiseConv(keras.layers.Layer):
         return ops.reshape(y, tuple(lead) + (self.filters,))
 
     def _as_grouped_conv(self, x):
-        return ops.conv(x, self.kernel, strides=self.strides, padding="valid",
-                        data_format="channels_last")
+        return ops.conv(
+            x, self.kernel, strides=self.strides, padding="valid", data_format="channels_last"
+        )
 
     def call(self, inputs):
         x = inputs
@@ -135,8 +136,11 @@ class GroupedPointwiseConv(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
-        spatial = range(1, 1 + self.rank) if self.data_format == "channels_last" else range(
-            2, 2 + self.rank)
+        spatial = (
+            range(1, 1 + self.rank)
+            if self.data_format == "channels_last"
+            else range(2, 2 + self.rank)
+        )
         for axis, stride in zip(spatial, self.strides):
             if shape[axis] is not None:
                 shape[axis] = (shape[axis] + stride - 1) // stride
@@ -165,7 +169,12 @@ class GroupedPointwiseConv(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="graphopt")
 class ChannelInterleave(keras.layers.Layer):
-    """Channel shuffle of the paper: output channel j*N + i is input channel i*s + j."""
+    """Channel shuffle of the paper: output channel j*N + i is input channel i*s + j.
+
+    Computed as reshape -> transpose -> reshape, which works with unknown spatial dims and
+    trains 2.5x faster on CPU than a gather (`ops.take`) whose gradient is a scatter
+    (measured: 8 ms vs 20 ms forward+backward on (32,16,16,192), 64 groups).
+    """
 
     def __init__(self, groups: int, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
@@ -173,11 +182,21 @@ class ChannelInterleave(keras.layers.Layer):
         self.axis = int(axis)
 
     def build(self, input_shape):
-        channels = input_shape[self.axis]
-        self.permutation = interleave_permutation(int(channels), self.groups)
+        rank = len(input_shape)
+        self._last = self.axis % rank == rank - 1
+        if not self._last and self.axis % rank != 1:
+            raise ValueError(f"the channel axis must be 1 or the last one, not {self.axis}")
+        self.step = int(input_shape[self.axis]) // self.groups
 
     def call(self, inputs):
-        return ops.take(inputs, self.permutation, axis=self.axis)
+        shape = ops.shape(inputs)
+        if self._last:
+            y = ops.reshape(inputs, (-1, self.groups, self.step))
+            y = ops.transpose(y, (0, 2, 1))
+        else:
+            y = ops.reshape(inputs, (shape[0], self.groups, self.step, -1))
+            y = ops.transpose(y, (0, 2, 1, 3))
+        return ops.reshape(y, shape)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

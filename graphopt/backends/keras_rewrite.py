@@ -28,9 +28,7 @@ _STATELESS_ACTIVATIONS = (
 def is_pointwise(layer) -> bool:
     """A stock Keras convolution whose every kernel dimension is 1 and that has one group."""
     return (
-        type(layer) in _SITE_TYPES
-        and all(k == 1 for k in layer.kernel_size)
-        and layer.groups == 1
+        type(layer) in _SITE_TYPES and all(k == 1 for k in layer.kernel_size) and layer.groups == 1
     )
 
 
@@ -91,11 +89,10 @@ class KerasRewrite:
                     _copy_weights(op, clones.get(id(op)))
                 for ref, new in zip(node.outputs, keras.tree.flatten(outputs)):
                     tensors[id(ref)] = new
-        new_outputs = keras.tree.map_structure(
-            lambda t: tensors[id(t)], functional._outputs_struct
+        new_outputs = keras.tree.map_structure(lambda t: tensors[id(t)], functional._outputs_struct)
+        return keras.Model(
+            new_inputs if len(new_inputs) > 1 else new_inputs[0], new_outputs, name=model.name
         )
-        return keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0], new_outputs,
-                           name=model.name)
 
     def _clone(self, op, clones: dict, prefix: str):
         """A copy of a non-site operation (cached, so shared layers stay shared)."""
@@ -116,8 +113,12 @@ class KerasRewrite:
     def _skip_nested(self, model, prefix: str) -> None:
         for layer in model._flatten_layers(include_self=False):
             if is_pointwise(layer):
-                self.skipped.append(Skipped(f"{prefix}{model.name}/{layer.name}",
-                                            "inside a subclassed model, which cannot be rebuilt"))
+                self.skipped.append(
+                    Skipped(
+                        f"{prefix}{model.name}/{layer.name}",
+                        "inside a subclassed model, which cannot be rebuilt",
+                    )
+                )
 
     # ---- finding sites --------------------------------------------------------------------
 
@@ -137,7 +138,9 @@ class KerasRewrite:
                 chain = _pulled_chain(nodes[0], consumers, output_ids, _channel_axis(layer))
             cin, filters = int(layer.kernel.shape[-2]), int(layer.kernel.shape[-1])
             plan = plan_site(
-                name, cin, filters,
+                name,
+                cin,
+                filters,
                 use_bias=layer.use_bias,
                 min_channels_per_group=self.min_channels_per_group,
                 positions=_positions(layer, nodes),
@@ -180,8 +183,9 @@ class KerasRewrite:
         layers["k_chain"] = [_clone_with_weights(op) for op in site.chain]
         axis = _channel_axis(conv)
         if plan.has_interleave:
-            layers["interleave"] = ChannelInterleave(plan.groups, axis=axis,
-                                                     name=f"{name}_interleave")
+            layers["interleave"] = ChannelInterleave(
+                plan.groups, axis=axis, name=f"{name}_interleave"
+            )
         if plan.has_l:
             layers["l"] = self._grouped(conv, plan, f"{name}_l", 1, activation)
             layers["l_chain"] = [_fresh_copy(op, f"{op.name}_l") for op in site.chain]
@@ -223,7 +227,8 @@ def _as_functional(model: keras.Model) -> keras.Model:
         if not model.built or not model.inputs:
             raise UnsupportedModelError(
                 f"Sequential model '{model.name}' has no known input shape; "
-                "build it (or give it an Input) first")
+                "build it (or give it an Input) first"
+            )
         inp = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
         x = inp
         for layer in model.layers:
@@ -232,7 +237,8 @@ def _as_functional(model: keras.Model) -> keras.Model:
     if not hasattr(model, "_nodes_by_depth"):
         raise UnsupportedModelError(
             f"model '{model.name}' is a subclassed Keras model; only Functional and Sequential "
-            "models can be rebuilt")
+            "models can be rebuilt"
+        )
     return model
 
 
@@ -259,8 +265,11 @@ def _pulled_chain(node, consumers, output_ids, axis) -> list:
         own_nodes = [n for n in nxt._inbound_nodes if id(n) in consumers["__nodes__"]]
         if len(own_nodes) != 1 or any(v is not None for v in readers[0].arguments.kwargs.values()):
             return chain
-        if not chain and isinstance(nxt, keras.layers.BatchNormalization) and _same_axis(
-                nxt.axis, axis, len(tensor.shape)):
+        if (
+            not chain
+            and isinstance(nxt, keras.layers.BatchNormalization)
+            and _same_axis(nxt.axis, axis, len(tensor.shape))
+        ):
             chain.append(nxt)
         elif isinstance(nxt, _STATELESS_ACTIVATIONS):
             chain.append(nxt)
@@ -300,8 +309,12 @@ def _positions(conv, nodes) -> int | None:
 def _is_candidate(layer) -> bool:
     """Any convolution with an all-ones kernel: a site, or a reason to say why it is not one."""
     ks = getattr(layer, "kernel_size", None)
-    return (isinstance(layer, keras.layers.Layer) and ks is not None
-            and all(k == 1 for k in ks) and hasattr(layer, "filters"))
+    return (
+        isinstance(layer, keras.layers.Layer)
+        and ks is not None
+        and all(k == 1 for k in ks)
+        and hasattr(layer, "filters")
+    )
 
 
 def _why_not(layer) -> str:
@@ -318,8 +331,12 @@ def _fresh_copy(op, name: str):
     config = op.get_config()
     config["name"] = name
     if isinstance(op, keras.layers.BatchNormalization):
-        config.update(beta_initializer="zeros", gamma_initializer="ones",
-                      moving_mean_initializer="zeros", moving_variance_initializer="ones")
+        config.update(
+            beta_initializer="zeros",
+            gamma_initializer="ones",
+            moving_mean_initializer="zeros",
+            moving_variance_initializer="ones",
+        )
     return op.__class__.from_config(config)
 
 

@@ -1,0 +1,34 @@
+"""Shared fixtures: a quiet TensorFlow, fixture models written once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def keras_fixtures(tmp_path_factory):
+    """Every model of fixtures/keras_models.py saved as .keras; name -> path."""
+    from fixtures.keras_models import write_all
+
+    return write_all(str(tmp_path_factory.mktemp("keras_fixtures")))
+
+
+def run_pwgroup(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """The real console script in a subprocess, as a user or CI would run it."""
+    return subprocess.run(["pwgroup", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+sys.path.insert(0, REPO)

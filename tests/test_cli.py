@@ -1,0 +1,158 @@
+"""The `pwgroup` console script as users and CI run it: exit codes 0/1/2, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import file_bytes, run_pwgroup
+
+SITE_KEYS = {
+    "name",
+    "cin",
+    "filters",
+    "groups",
+    "interleave_step",
+    "has_l",
+    "params_before",
+    "params_after",
+    "macs_before",
+    "macs_after",
+}
+
+
+def _one_line_error(proc, code=2):
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("pwgroup: ")
+    return lines[0]
+
+
+def test_rewrite_writes_a_loadable_model_and_keeps_the_input(keras_fixtures, tmp_path):
+    src = keras_fixtures["conv_bn_act"]
+    original = file_bytes(src)
+    out = tmp_path / "out.keras"
+    report = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    proc = run_pwgroup(
+        "rewrite",
+        src,
+        "-o",
+        str(out),
+        "--json",
+        str(report),
+        "--markdown",
+        str(md),
+        "--mode",
+        "linear",
+        "--seed",
+        "3",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "trainable parameters" in proc.stdout and "pw" in proc.stdout
+    assert file_bytes(src) == original
+    data = json.loads(report.read_text())
+    assert data["mode"] == "linear" and data["schema_version"] == 1
+    assert set(data["sites"][0]) >= SITE_KEYS
+    assert data["totals"]["file_size_after"] == os.path.getsize(out)
+    assert "| parameters |" in md.read_text()
+
+    import keras
+
+    import graphopt  # noqa: F401
+    from graphopt.api import keras_counts
+
+    reloaded = keras.models.load_model(out)
+    assert keras_counts(reloaded) == (
+        data["totals"]["params_after"],
+        data["totals"]["trainable_params_after"],
+    )
+
+
+def test_report_is_a_dry_run(keras_fixtures, tmp_path):
+    shutil.copy(keras_fixtures["residual"], tmp_path / "m.keras")
+    proc = run_pwgroup("report", "m.keras", "--json", "r.json", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.keras", "r.json"]
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["totals"]["sites"] == 3 and data["skipped"] == []
+
+
+def test_report_of_several_models_with_a_glob(keras_fixtures, tmp_path):
+    for name in ("residual", "sequential"):
+        shutil.copy(keras_fixtures[name], tmp_path / f"{name}.keras")
+    proc = run_pwgroup("report", "*.keras", "--fail-under", "40", cwd=str(tmp_path))
+    assert proc.returncode == 1
+    assert "residual.keras" in proc.stdout and "sequential.keras" in proc.stdout
+    assert "model" in proc.stdout.splitlines()[-3]  # the summary block closes the output
+    err = _one_line_error(proc, code=1)
+    assert "sequential.keras" in err and "below --fail-under 40%" in err
+
+
+def test_fail_under_passes_and_fails(keras_fixtures):
+    src = keras_fixtures["residual"]
+    assert run_pwgroup("report", src, "--quiet", "--fail-under", "40").returncode == 0
+    err = _one_line_error(run_pwgroup("report", src, "--quiet", "--fail-under", "99"), code=1)
+    assert "46.19%" in err
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"PK\x03\x04garbage" * 10, "not a readable Keras model"),
+    ],
+)
+def test_bad_files_give_one_line_and_exit_2(tmp_path, content, needle):
+    path = tmp_path / "model.keras"
+    if content is not None:
+        path.write_bytes(content)
+    err = _one_line_error(run_pwgroup("rewrite", str(path), "-o", str(tmp_path / "o.keras")))
+    assert needle in err
+    assert not (tmp_path / "o.keras").exists()
+    if content is not None:
+        assert path.read_bytes() == content
+
+
+def test_unsafe_model_is_refused_without_side_effect(keras_fixtures, tmp_path):
+    src = keras_fixtures["with_lambda"]
+    original = file_bytes(src)
+    err = _one_line_error(run_pwgroup("rewrite", src, "-o", str(tmp_path / "o.keras")))
+    assert "Lambda" in err and "--trust-model" in err
+    assert file_bytes(src) == original and not (tmp_path / "o.keras").exists()
+
+
+def test_output_equal_to_input_is_refused(keras_fixtures, tmp_path):
+    src = tmp_path / "m.keras"
+    shutil.copy(keras_fixtures["residual"], src)
+    original = file_bytes(str(src))
+    err = _one_line_error(run_pwgroup("rewrite", str(src), "-o", str(src)))
+    assert "refusing to overwrite the input" in err
+    assert file_bytes(str(src)) == original
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["rewrite", "model.txt"], "unknown model kind"),
+        (["report", "keras.applications:NoSuchNet"], "no model named"),
+        (["report", "keras.applications:EfficientNetB0", "--input-shape", "8,8"], ""),
+    ],
+)
+def test_bad_names_give_one_line_and_exit_2(tmp_path, args, needle):
+    (tmp_path / "model.txt").write_text("hello")
+    err = _one_line_error(run_pwgroup(*args, cwd=str(tmp_path)))
+    assert needle in err
+
+
+def test_usage_errors_exit_2():
+    proc = run_pwgroup("rewrite", "x.keras", "--mode", "fast")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert run_pwgroup("report", "x.keras", "--min-channels-per-group", "0").returncode == 2
