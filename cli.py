@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="load models that need unsafe deserialisation (runs their code)",
         )
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="ONNX: skip the check of the result in onnx.checker and onnxruntime",
+        )
+        p.add_argument(
+            "--provider",
+            default="CPUExecutionProvider",
+            help="ONNX: onnxruntime execution provider for the check (falls back to CPU)",
+        )
         p.add_argument("--quiet", action="store_true", help="print nothing on success")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -164,6 +174,10 @@ def _run_one(graphopt, args, source: str, output: str | None):
         seed=args.seed,
         name=source,
     )
+    if kind == "onnx" and report.sites and not args.no_verify:
+        from graphopt.backends.onnx_verify import verify
+
+        verify(model, new_model, provider=args.provider)
     report.totals.file_size_before = (
         os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
     )
@@ -172,6 +186,18 @@ def _run_one(graphopt, args, source: str, output: str | None):
     else:
         report.totals.file_size_after = _size_when_saved(graphopt, new_model)
     return report
+
+
+def _check_provider(args) -> None:
+    if args.provider == "CPUExecutionProvider":
+        return
+    import onnxruntime
+
+    if args.provider not in onnxruntime.get_available_providers():
+        print(
+            f"pwgroup: note: {args.provider} is not available here; checking on CPU",
+            file=sys.stderr,
+        )
 
 
 def _summary(reports) -> str:
@@ -194,6 +220,7 @@ def _main(args) -> int:
             return _fail(problem)
     with _silenced_stderr():
         import graphopt
+    _check_provider(args)
     output = None
     if args.command == "rewrite":
         output = args.output or _default_output(sources[0], graphopt.model_kind(sources[0]))

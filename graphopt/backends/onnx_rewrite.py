@@ -1,0 +1,318 @@
+"""ONNX graph surgery with onnx-graphsurgeon: find pointwise Conv nodes, replace each by K,
+interleave, L and the residual sum, then let graphsurgeon clean up and sort the graph."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.backends.onnx_io import count_params
+from graphopt.plan import PAPER, SitePlan, Skipped, interleave_permutation, plan_site
+from graphopt.report import Report, Totals
+
+ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
+# "gather" (one Gather on axis 1 with a constant permutation) or "transpose"
+# (Reshape -> Transpose -> Reshape); benchmarks/onnx_interleave.py measures both.
+INTERLEAVE = "gather"
+
+
+def rewrite_onnx(
+    model: onnx.ModelProto, mode: str, min_channels_per_group: int, seed: int, name: str | None
+):
+    """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report)."""
+    job = _OnnxRewrite(
+        mode, min_channels_per_group, np.random.default_rng(seed), _known_shapes(model)
+    )
+    graph = gs.import_onnx(model)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        job.graph(g)
+    if job.sites:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        new = gs.export_onnx(graph, do_type_check=False)
+        _keep_identity(model, new)
+    else:
+        new = onnx.ModelProto()
+        new.CopyFrom(model)  # no site: the same graph, untouched by any cleanup
+    params_before, params_after = count_params(model), count_params(new)
+    totals = Totals(params_before, params_after, params_before, params_after)
+    report = Report(
+        name or model.graph.name or "model.onnx",
+        "onnx",
+        mode,
+        min_channels_per_group,
+        totals,
+        job.sites,
+        job.skipped,
+    )
+    return new, report
+
+
+def _keep_identity(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """The exported model keeps the input's IR version, opsets and metadata."""
+    new.ir_version = original.ir_version
+    del new.opset_import[:]
+    new.opset_import.extend(original.opset_import)
+    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(new, attr, getattr(original, attr))
+    del new.metadata_props[:]
+    new.metadata_props.extend(original.metadata_props)
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Tensor name -> inferred shape (ints or None); empty when inference cannot run."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is a nicety (MACs); the rewrite needs none
+        return {}
+    shapes = {}
+    for graph in _graphs(inferred.graph):
+        for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
+            dims = vi.type.tensor_type.shape.dim
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def _graphs(graph):
+    from graphopt.backends.onnx_io import iter_graphs
+
+    return iter_graphs(graph)
+
+
+def constant_value(tensor) -> np.ndarray | None:
+    """The value of a weight given as an initializer or as a Constant node's output."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+@dataclass
+class _OnnxRewrite:
+    mode: str
+    min_channels_per_group: int
+    rng: np.random.Generator
+    shapes: dict
+    sites: list[SitePlan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    _names: set = field(default_factory=set)
+
+    def graph(self, graph: gs.Graph) -> None:
+        self._names |= set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        for index, node in enumerate(list(graph.nodes)):
+            if node.op != "Conv":
+                continue
+            weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+            label = node.name or f"Conv_{index}"
+            if weight is None or weight.ndim < 3:
+                if weight is None and _looks_pointwise(node):
+                    self.skipped.append(Skipped(label, "weight is not a constant"))
+                continue
+            if any(k != 1 for k in weight.shape[2:]):
+                continue
+            if int(node.attrs.get("group", 1)) != 1:
+                self.skipped.append(
+                    Skipped(label, f"already grouped ({node.attrs['group']} groups)")
+                )
+                continue
+            self._site(graph, node, weight, label)
+
+    def _site(self, graph, conv, weight, label) -> None:
+        bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        if len(conv.inputs) > 2 and bias is None:
+            self.skipped.append(Skipped(label, "bias is not a constant"))
+            return
+        filters, cin = int(weight.shape[0]), int(weight.shape[1])
+        chain = _pulled_chain(graph, conv.outputs[0]) if self.mode == PAPER else []
+        has_bn = any(n.op == "BatchNormalization" for n in chain)
+        plan = plan_site(
+            label,
+            cin,
+            filters,
+            use_bias=bias is not None,
+            min_channels_per_group=self.min_channels_per_group,
+            positions=self._positions(conv.outputs[0].name),
+            l_norm_per_channel=(4, 4) if has_bn else (0, 0),
+        )
+        if isinstance(plan, Skipped):
+            self.skipped.append(plan)
+            return
+        self.sites.append(plan)
+        self._replace(graph, conv, plan, weight.dtype, chain)
+
+    def _positions(self, tensor_name: str) -> int | None:
+        shape = self.shapes.get(tensor_name)
+        if not shape or len(shape) < 3 or any(d is None or d == 0 for d in shape[2:]):
+            return None
+        return math.prod(shape[2:])
+
+    # ---- building the replacement ---------------------------------------------------------
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def _var(self, base: str) -> gs.Variable:
+        return gs.Variable(self._unique(base))
+
+    def _const(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self._unique(base), values)
+
+    def _grouped_conv(self, graph, x, plan, base, dtype, attrs, use_bias, in_channels):
+        """A Conv with `plan.groups` groups and fresh Glorot-uniform weights (zero bias)."""
+        rank = len(attrs.get("kernel_shape", [])) or 2
+        shape = (plan.filters, in_channels // plan.groups) + (1,) * rank
+        limit = math.sqrt(6.0 / (in_channels // plan.groups + plan.filters))
+        inputs = [x, self._const(f"{base}_W", self.rng.uniform(-limit, limit, shape).astype(dtype))]
+        if use_bias:
+            inputs.append(self._const(f"{base}_B", np.zeros(plan.filters, dtype)))
+        out = self._var(f"{base}_out")
+        graph.nodes.append(
+            gs.Node("Conv", self._unique(base), dict(attrs, group=plan.groups), inputs, [out])
+        )
+        return out
+
+    def _interleave(self, graph, x, plan, base):
+        out = self._var(f"{base}_interleave_out")
+        if INTERLEAVE == "gather":
+            perm = np.asarray(interleave_permutation(plan.filters, plan.groups), np.int64)
+            graph.nodes.append(
+                gs.Node(
+                    "Gather",
+                    self._unique(f"{base}_interleave"),
+                    {"axis": 1},
+                    [x, self._const(f"{base}_perm", perm)],
+                    [out],
+                )
+            )
+            return out
+        shape = self._var(f"{base}_shape")
+        mid, moved = self._var(f"{base}_grouped"), self._var(f"{base}_moved")
+        split = self._const(
+            f"{base}_split", np.asarray([0, plan.groups, plan.interleave_step, -1], np.int64)
+        )
+        graph.nodes += [
+            gs.Node("Shape", self._unique(f"{base}_shape"), {}, [x], [shape]),
+            gs.Node("Reshape", self._unique(f"{base}_reshape"), {}, [x, split], [mid]),
+            gs.Node(
+                "Transpose",
+                self._unique(f"{base}_transpose"),
+                {"perm": [0, 2, 1, 3]},
+                [mid],
+                [moved],
+            ),
+            gs.Node("Reshape", self._unique(f"{base}_restore"), {}, [moved, shape], [out]),
+        ]
+        return out
+
+    def _branch(self, graph, x, chain, base, fresh: bool):
+        """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats."""
+        for node in chain:
+            out = self._var(f"{base}_{node.op.lower()}_out")
+            inputs = [x] + list(node.inputs[1:])
+            if node.op == "BatchNormalization" and fresh:
+                channels = constant_value(node.inputs[1]).shape[0]
+                dtype = constant_value(node.inputs[1]).dtype
+                inputs = [x] + [
+                    self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
+                    for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
+                ]
+            if node.op == "Mul":  # x * Sigmoid(x): the Sigmoid was the previous chain member
+                inputs = [prev_in, x]
+            prev_in = x
+            graph.nodes.append(
+                gs.Node(
+                    node.op,
+                    self._unique(f"{base}_{node.op.lower()}"),
+                    dict(node.attrs),
+                    inputs,
+                    [out],
+                )
+            )
+            x = out
+        return x
+
+    def _replace(self, graph, conv, plan: SitePlan, dtype, chain) -> None:
+        base = conv.name or plan.name
+        x, final = conv.inputs[0], (chain[-1] if chain else conv).outputs[0]
+        attrs = {k: v for k, v in conv.attrs.items() if k != "group"}
+        use_bias = len(conv.inputs) > 2
+        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", dtype, attrs, use_bias, plan.cin)
+        k_out = self._branch(graph, k_out, chain, f"{base}_K", fresh=False)
+        mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
+        result = mixed
+        if plan.has_l:
+            l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
+            l_out = self._grouped_conv(
+                graph, mixed, plan, f"{base}_L", dtype, l_attrs, use_bias, plan.filters
+            )
+            l_out = self._branch(graph, l_out, chain, f"{base}_L", fresh=True)
+            result = self._var(f"{base}_sum_out")
+            graph.nodes.append(
+                gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
+            )
+        # Hand the original output tensor to the last new node, so consumers and graph outputs
+        # keep their names; the old nodes lose their outputs and cleanup() removes them.
+        producer = result.inputs[0]
+        for old in [conv, *chain]:
+            old.outputs.clear()
+        producer.outputs.clear()
+        producer.outputs.append(final)
+
+
+def _looks_pointwise(node) -> bool:
+    shape = node.attrs.get("kernel_shape")
+    return bool(shape) and all(k == 1 for k in shape) and int(node.attrs.get("group", 1)) == 1
+
+
+def _single_reader(graph, tensor):
+    if tensor in graph.outputs or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def _pulled_chain(graph, tensor) -> list:
+    """Unfused BatchNormalization and/or activation that only this conv feeds (paper mode)."""
+    chain = []
+    node = _single_reader(graph, tensor)
+    if (
+        node is not None
+        and node.op == "BatchNormalization"
+        and node.inputs[0] is tensor
+        and all(constant_value(t) is not None for t in node.inputs[1:5])
+        and len(node.outputs) == 1
+    ):
+        chain.append(node)
+        tensor = node.outputs[0]
+    node = _single_reader(graph, tensor)
+    if (
+        node is not None
+        and node.op in ACTIVATIONS
+        and node.inputs[0] is tensor
+        and all(constant_value(t) is not None for t in node.inputs[1:] if t.name)
+    ):
+        return chain + [node]
+    silu = _silu(graph, tensor)
+    return chain + silu
+
+
+def _silu(graph, tensor) -> list:
+    """x * Sigmoid(x) read from `tensor`: [Sigmoid, Mul] when nothing else reads them."""
+    if tensor in graph.outputs or len(tensor.outputs) != 2:
+        return []
+    ops = {n.op: n for n in tensor.outputs}
+    sig, mul = ops.get("Sigmoid"), ops.get("Mul")
+    if sig is None or mul is None or len(sig.outputs[0].outputs) != 1:
+        return []
+    if sig.outputs[0].outputs[0] is not mul or sig.outputs[0] in graph.outputs:
+        return []
+    return [sig, mul]

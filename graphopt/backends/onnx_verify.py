@@ -1,0 +1,108 @@
+"""Check a rewritten ONNX model the way a user would: the checker, the interface, onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from graphopt.errors import GraphoptError
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+}
+
+
+class VerificationError(GraphoptError):
+    """The rewritten model fails a check the original passes."""
+
+
+def interface(model: onnx.ModelProto) -> list[tuple]:
+    """(name, elem_type, shape) of every graph input (not initializer) and output."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in values:
+            if vi.name in inits:
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in dims
+            )
+            out.append((kind, vi.name, vi.type.tensor_type.elem_type, shape))
+    return out
+
+
+def random_feed(model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8) -> dict:
+    """Random inputs for a session; dynamic dims get `dynamic` (1 for the leading batch)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in session.get_inputs():
+        shape = [
+            d if isinstance(d, int) and d > 0 else (1 if i == 0 else dynamic)
+            for i, d in enumerate(inp.shape)
+        ]
+        dtype = {
+            "tensor(float)": np.float32,
+            "tensor(float16)": np.float16,
+            "tensor(double)": np.float64,
+            "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32,
+            "tensor(bool)": np.bool_,
+        }.get(inp.type, np.float32)
+        if dtype == np.bool_:
+            feed[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        elif np.issubdtype(dtype, np.integer):
+            feed[inp.name] = rng.integers(0, 4, shape).astype(dtype)
+        else:
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def session(model: onnx.ModelProto, provider: str = "CPUExecutionProvider"):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    available = ort.get_available_providers()
+    providers = (
+        [provider, "CPUExecutionProvider"] if provider in available else ["CPUExecutionProvider"]
+    )
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def verify(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, provider: str = "CPUExecutionProvider"
+) -> None:
+    """Raise VerificationError unless `rewritten` passes the checker, keeps the interface of
+    `original` and runs in onnxruntime with finite outputs of the original's shapes."""
+    try:
+        onnx.checker.check_model(rewritten, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(
+            f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}"
+        ) from exc
+    if interface(original) != interface(rewritten):
+        raise VerificationError("the rewritten model's inputs/outputs differ from the original's")
+    try:
+        ref, new = session(original, provider), session(rewritten, provider)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
+        raise VerificationError(f"onnxruntime cannot load the model: {exc}") from exc
+    feed = random_feed(original, ref)
+    try:
+        expected, got = ref.run(None, feed), new.run(None, feed)
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"onnxruntime cannot run the model: {exc}") from exc
+    for e, g, meta in zip(expected, got, new.get_outputs()):
+        if np.shape(e) != np.shape(g):
+            raise VerificationError(
+                f"output '{meta.name}' has shape {np.shape(g)}, expected {np.shape(e)}"
+            )
+        if np.issubdtype(np.asarray(g).dtype, np.floating) and not np.isfinite(g).all():
+            raise VerificationError(f"output '{meta.name}' is not finite")

@@ -1,0 +1,182 @@
+"""Rewriting ONNX models: NumPy references, the checker, onnxruntime, counts of the files."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import graphopt
+from fixtures import onnx_models
+from graphopt.backends.onnx_io import count_params, load_onnx
+from graphopt.backends.onnx_verify import interface, random_feed, session, verify
+from tests.numpy_reference import grouped_pointwise, interleave, linear_site
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _kernel(w):
+    """ONNX grouped weight [F, Cin/N, 1, ...] -> reference layout (Cin/N, F)."""
+    return w.reshape(w.shape[0], w.shape[1]).T
+
+
+def _run(model, feed):
+    return session(model).run(None, feed)
+
+
+@pytest.mark.parametrize(
+    "rank,cin,filters,bias,expect_l,expect_interleave",
+    [
+        (2, 32, 16, True, True, True),
+        (2, 32, 64, False, False, True),
+        (2, 96, 4, True, True, False),
+        (1, 32, 16, True, True, True),
+        (1, 32, 64, True, False, True),
+        (1, 96, 4, False, True, False),
+    ],
+)
+def test_site_matches_numpy(rank, cin, filters, bias, expect_l, expect_interleave):
+    model = onnx_models.single_site(cin, filters, rank=rank, bias=bias)
+    new, report = graphopt.rewrite(model, mode="linear", seed=2)
+    (plan,) = report.sites
+    assert (plan.has_l, plan.has_interleave) == (expect_l, expect_interleave)
+    w = _inits(new)
+    ops = [n.op_type for n in new.graph.node]
+    assert ops.count("Conv") == (2 if expect_l else 1)
+    assert all(
+        a.i == plan.groups
+        for n in new.graph.node
+        if n.op_type == "Conv"
+        for a in n.attribute
+        if a.name == "group"
+    )
+    x = np.random.default_rng(0).standard_normal((2, cin) + (6,) * rank).astype(np.float32)
+    xl = np.moveaxis(x, 1, -1)
+    expected = linear_site(
+        xl,
+        _kernel(w["pw_K_W"]),
+        plan.groups,
+        w.get("pw_K_B"),
+        _kernel(w["pw_L_W"]) if expect_l else None,
+        w.get("pw_L_B"),
+    )
+    (got,) = _run(new, {"x": x})
+    np.testing.assert_allclose(np.moveaxis(got, 1, -1), expected, atol=1e-5)
+
+
+def test_paper_mode_applies_bn_and_silu_in_both_branches():
+    model = onnx_models.bn_silu()
+    new, report = graphopt.rewrite(model, seed=1)
+    (plan,) = report.sites
+    assert plan.groups == 8 and plan.l_norm_params == 4 * 64
+    w, orig = _inits(new), _inits(model)
+    x = np.random.default_rng(0).standard_normal((2, 128, 4, 4)).astype(np.float32)
+    xl = np.moveaxis(x, 1, -1)
+
+    def silu(v):
+        return v / (1 + np.exp(-v))
+
+    k = grouped_pointwise(xl, _kernel(w["pw_K_W"]), 8)
+    k = silu((k - orig["mean"]) / np.sqrt(orig["var"] + 1e-3) * orig["scale"] + orig["bias"])
+    ll = grouped_pointwise(interleave(k, 8), _kernel(w["pw_L_W"]), 8)
+    expected = k + silu(ll / np.sqrt(1 + 1e-3))
+    (got,) = _run(new, {"x": x})
+    np.testing.assert_allclose(np.moveaxis(got, 1, -1), expected, atol=1e-4)
+
+
+def test_linear_mode_leaves_what_follows_the_conv():
+    new, report = graphopt.rewrite(onnx_models.bn_silu(), mode="linear")
+    ops = [n.op_type for n in new.graph.node]
+    assert ops.count("BatchNormalization") == 1 and ops.count("Sigmoid") == 1
+    assert report.sites[0].l_norm_params == 0
+
+
+@pytest.mark.parametrize("name", sorted(onnx_models.ALL))
+def test_every_fixture_rewrites_to_a_valid_running_model(name, tmp_path):
+    model = onnx_models.ALL[name]()
+    for mode in ("paper", "linear"):
+        new, report = graphopt.rewrite(model, mode=mode)
+        verify(model, new)  # checker(full_check), interface, onnxruntime, finite outputs
+        assert interface(new) == interface(model)
+        assert new.ir_version == model.ir_version
+        assert list(new.opset_import) == list(model.opset_import)
+        path = str(tmp_path / f"{mode}.onnx")
+        graphopt.save(new, path)
+        assert report.totals.params_before == count_params(model)
+        assert report.totals.params_after == count_params(load_onnx(path))
+        assert report.totals.params_after - report.totals.params_before == sum(
+            s.params_after - s.params_before for s in report.sites
+        )
+
+
+def test_model_without_site_is_returned_unchanged():
+    model = onnx_models.no_site()
+    new, report = graphopt.rewrite(model)
+    assert report.sites == [] and report.totals.params_after == report.totals.params_before
+    assert new.SerializeToString() == model.SerializeToString()
+
+
+def test_constant_node_weights_are_replaced_by_initializers():
+    model = onnx_models.constant_weights()
+    assert len(model.graph.initializer) == 0
+    new, _ = graphopt.rewrite(model)
+    ops = [n.op_type for n in new.graph.node]
+    assert "Constant" not in ops  # the replaced conv's weights went with it
+    assert {"pw_K_W", "pw_L_W"} <= set(_inits(new))
+    assert ops.count("HardSigmoid") == 2  # paper mode: the activation in both branches
+
+
+def test_convs_inside_if_branches_are_rewritten_for_both_branches():
+    model = onnx_models.if_subgraph()
+    new, report = graphopt.rewrite(model, mode="linear")
+    assert sorted(s.name for s in report.sites) == ["else_pw", "then_pw"]
+    main_inits = {t.name for t in new.graph.initializer}
+    assert "W" not in main_inits and "W2" not in main_inits  # only they used them
+    for cond in (True, False):
+        feed = {"x": np.ones((1, 64, 4, 4), np.float32), "cond": np.array(cond)}
+        (got,) = _run(new, feed)
+        assert got.shape == (1, 32, 4, 4) and np.isfinite(got).all()
+
+
+def test_strided_padded_site_keeps_stride_and_pads_on_k():
+    model = onnx_models.single_site(64, 64, strides=2, pads=1)
+    new, _ = graphopt.rewrite(model, mode="linear")
+    convs = {
+        n.name: {a.name: list(a.ints) or a.i for a in n.attribute}
+        for n in new.graph.node
+        if n.op_type == "Conv"
+    }
+    assert convs["pw_K"]["strides"] == [2, 2] and convs["pw_K"]["pads"] == [1, 1, 1, 1]
+    assert "strides" not in convs["pw_L"] and "pads" not in convs["pw_L"]
+    feed = random_feed(model, session(model))
+    assert _run(new, feed)[0].shape == _run(model, feed)[0].shape == (1, 64, 4, 4)
+
+
+def test_dynamic_dims_and_residual_inputs_survive():
+    model = onnx_models.pytorch_style()
+    new, report = graphopt.rewrite(model)
+    assert [s.name for s in report.sites] == ["pw1", "pw2", "down"]
+    ref, got = session(model), session(new)
+    for hw in (8, 13):
+        feed = {"x": np.random.default_rng(hw).standard_normal((3, 3, hw, hw)).astype("f")}
+        assert ref.run(None, feed)[0].shape == got.run(None, feed)[0].shape
+    # "residual" still reads the stem's output: the shared tensor kept its other consumer
+    residual = next(n for n in new.graph.node if n.name == "residual")
+    assert "s_act" in residual.input
+
+
+def test_rewriting_twice_finds_no_new_site():
+    new, _ = graphopt.rewrite(onnx_models.pytorch_style())
+    _, again = graphopt.rewrite(new)
+    assert again.sites == []
+    assert {s.reason.split(" (")[0] for s in again.skipped} == {"already grouped"}
+
+
+def test_opset_11_model_keeps_opset_11():
+    model = onnx_models.single_site(opset=11)
+    new, _ = graphopt.rewrite(model)
+    assert [o.version for o in new.opset_import] == [11]
+    onnx.checker.check_model(new, full_check=True)
