@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--provider",
             default="CPUExecutionProvider",
-            help="ONNX: onnxruntime execution provider for the check (falls back to CPU)",
+            help="ONNX: onnxruntime provider for the check (falls back to CPU)",
         )
         p.add_argument("--quiet", action="store_true", help="print nothing on success")
         p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -216,6 +216,7 @@ class _OnnxRewrite:
 
     def _branch(self, graph, x, chain, base, fresh: bool):
         """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats."""
+        prev_in = x
         for node in chain:
             out = self._var(f"{base}_{node.op.lower()}_out")
             inputs = [x] + list(node.inputs[1:])
