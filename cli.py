@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     report = sub.add_parser("report", help="the same without writing a model (dry run)")
     report.add_argument("model", nargs="+", help="model files, globs or keras.applications:Name")
+    export = sub.add_parser(
+        "export",
+        help="convert a Keras model (rewritten or not) to ONNX "
+        "with tf2onnx; rewritten sites become grouped Conv nodes",
+    )
+    export.add_argument("model", help=".keras or .h5 file, or keras.applications:Name")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=_positive, default=17)
     for p in (rewrite, report):
         p.add_argument(
             "--mode",
@@ -48,15 +56,6 @@ def _parser() -> argparse.ArgumentParser:
             metavar="PCT",
             help="exit 1 when trainable parameters drop by less than PCT percent",
         )
-        p.add_argument("--classes", type=_positive, help="keras.applications: number of classes")
-        p.add_argument(
-            "--input-shape", type=_shape, metavar="H,W,C", help="keras.applications: input shape"
-        )
-        p.add_argument(
-            "--trust-model",
-            action="store_true",
-            help="load models that need unsafe deserialisation (runs their code)",
-        )
         p.add_argument(
             "--no-verify",
             action="store_true",
@@ -68,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
             help="ONNX: onnxruntime provider for the check (falls back to CPU)",
         )
         p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    for p in (rewrite, report, export):
+        p.add_argument("--classes", type=_positive, help="keras.applications: number of classes")
+        p.add_argument(
+            "--input-shape", type=_shape, metavar="H,W,C", help="keras.applications: input shape"
+        )
+        p.add_argument(
+            "--trust-model",
+            action="store_true",
+            help="load models that need unsafe deserialisation (runs their code)",
+        )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -188,7 +197,22 @@ def _run_one(graphopt, args, source: str, output: str | None):
     return report
 
 
+def _export(graphopt, args, source: str) -> int:
+    if graphopt.model_kind(source) == "onnx":
+        return _fail(f"{source}: already an ONNX model")
+    model = graphopt.load(
+        source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
+    )
+    with _silenced_stderr():  # tf2onnx logs through TensorFlow's C++ runtime
+        proto = graphopt.export_onnx(model, opset=args.opset)
+    size = graphopt.save(proto, args.output, source=source)
+    print(f"wrote {args.output} ({size:,} bytes, opset {args.opset})")
+    return EXIT_OK
+
+
 def _check_provider(args) -> None:
+    if getattr(args, "provider", "CPUExecutionProvider") == "CPUExecutionProvider":
+        return
     if args.provider == "CPUExecutionProvider":
         return
     import onnxruntime
@@ -221,6 +245,8 @@ def _main(args) -> int:
     with _silenced_stderr():
         import graphopt
     _check_provider(args)
+    if args.command == "export":
+        return _export(graphopt, args, sources[0])
     output = None
     if args.command == "rewrite":
         output = args.output or _default_output(sources[0], graphopt.model_kind(sources[0]))

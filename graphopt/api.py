@@ -64,6 +64,13 @@ def _rewrite_keras(model, mode, min_channels_per_group, seed, name):
     return new_model, report
 
 
+def export_onnx(model, opset: int = 17):
+    """Convert a Keras model to an onnx.ModelProto with tf2onnx (rewritten sites -> grouped Conv)."""
+    from graphopt.backends.keras_export import export_onnx as _export
+
+    return _export(model, opset)
+
+
 def load(source: str, *, classes: int | None = None, input_shape=None, trust_model: bool = False):
     """Load a model from a .keras/.h5/.onnx file or a `keras.applications:Name`."""
     from graphopt.backends import keras_io

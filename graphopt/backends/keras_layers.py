@@ -110,9 +110,10 @@ class GroupedPointwiseConv(keras.layers.Layer):
         return ops.reshape(y, tuple(lead) + (self.filters,))
 
     def _as_grouped_conv(self, x):
-        return ops.conv(
-            x, self.kernel, strides=self.strides, padding="valid", data_format="channels_last"
-        )
+        """The framework's grouped convolution, for export only (tf2onnx makes a grouped Conv)."""
+        import tensorflow as tf
+
+        return tf.nn.convolution(x, self.kernel, strides=list(self.strides), padding="VALID")
 
     def call(self, inputs):
         x = inputs

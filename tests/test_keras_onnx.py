@@ -1,0 +1,70 @@
+"""Keras and ONNX agree: a model and its tf2onnx export have the same sites, and a rewritten
+Keras model exports to grouped Conv nodes that compute what Keras computes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+import graphopt
+from fixtures import keras_models
+from graphopt.backends.onnx_verify import session
+
+
+def _site_list(report):
+    return [(s.cin, s.filters, s.groups, s.interleave_step, s.has_l) for s in report.sites]
+
+
+def _b0(size=64):
+    return keras.applications.EfficientNetB0(weights=None, classes=10, input_shape=(size, size, 3))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        keras_models.residual,
+        keras_models.conv_bn_act,
+        pytest.param(_b0, marks=pytest.mark.slow, id="b0"),
+    ],
+)
+def test_keras_model_and_its_tf2onnx_export_have_the_same_sites(make):
+    model = make()
+    _, keras_report = graphopt.rewrite(model)
+    _, onnx_report = graphopt.rewrite(graphopt.export_onnx(model))
+    assert _site_list(onnx_report) == _site_list(keras_report)
+    assert len(onnx_report.skipped) == len(keras_report.skipped)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        keras_models.conv_bn_act,
+        keras_models.sequential,
+        pytest.param(_b0, marks=pytest.mark.slow, id="b0"),
+    ],
+)
+def test_rewritten_keras_model_exports_grouped_convs_that_match_keras(make):
+    model = make()
+    new, report = graphopt.rewrite(model)
+    proto = graphopt.export_onnx(new)
+    assert not [n for n in proto.graph.node if "Partitioned" in n.op_type]
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    grouped = {}
+    for node in proto.graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Conv" and attrs.get("group", 1) > 1 and node.input[1] in weights:
+            w = weights[node.input[1]]
+            if all(k == 1 for k in w.shape[2:]):
+                grouped[(w.shape[0], w.shape[1] * attrs["group"], attrs["group"])] = w.size
+    for s in report.sites:
+        # K and L are grouped Conv nodes holding exactly the grouped kernels
+        assert grouped[(s.filters, s.cin, s.groups)] == s.cin * s.filters // s.groups
+        if s.has_l:
+            assert grouped[(s.filters, s.filters, s.groups)] == s.filters**2 // s.groups
+    shape = (2,) + tuple(new.inputs[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    sess = session(proto)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(new(x)), atol=1e-4)
