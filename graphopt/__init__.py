@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 
 __all__ = [
+    "export_onnx",
     "GraphoptError",
     "Report",
     "SitePlan",

@@ -65,7 +65,7 @@ def _rewrite_keras(model, mode, min_channels_per_group, seed, name):
 
 
 def export_onnx(model, opset: int = 17):
-    """Convert a Keras model to an onnx.ModelProto with tf2onnx (rewritten sites -> grouped Conv)."""
+    """A Keras model as an onnx.ModelProto via tf2onnx (rewritten sites -> grouped Conv)."""
     from graphopt.backends.keras_export import export_onnx as _export
 
     return _export(model, opset)

@@ -1,0 +1,137 @@
+"""Loading and saving ONNX files: external data checked before it is read, atomic writes,
+one-line errors through the command line."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import graphopt
+from fixtures import onnx_models
+from graphopt.backends.onnx_io import count_params, load_onnx
+from graphopt.errors import InputError, UnsafeModelError
+from tests.conftest import file_bytes, run_pwgroup
+
+
+def _with_external_data(tmp_path, location: str) -> str:
+    """single_site with its weight stored externally at `location` (written by hand)."""
+    model = onnx_models.single_site(64, 32)
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    data = numpy_helper.to_array(weight).tobytes()
+    target = location if os.path.isabs(location) else os.path.join(tmp_path, location)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(data)
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(data)))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    path = os.path.join(tmp_path, "model.onnx")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def test_relative_external_data_loads_and_rewrites(tmp_path):
+    path = _with_external_data(tmp_path, "weights.bin")
+    model = load_onnx(path)
+    assert count_params(model) == 64 * 32 + 32
+    new, report = graphopt.rewrite(model)
+    assert len(report.sites) == 1
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "sub/../../outside.bin"])
+def test_external_data_escaping_the_folder_is_refused(tmp_path, location):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = _with_external_data(str(folder), location)
+    with pytest.raises(UnsafeModelError, match="outside the model's folder"):
+        load_onnx(path)
+
+
+def test_absolute_external_data_is_refused(tmp_path):
+    path = _with_external_data(str(tmp_path), str(tmp_path / "abs" / "w.bin"))
+    with pytest.raises(UnsafeModelError, match="absolute"):
+        load_onnx(path)
+
+
+def test_symlinked_external_data_is_refused(tmp_path):
+    path = _with_external_data(str(tmp_path), "real.bin")
+    os.symlink(tmp_path / "real.bin", tmp_path / "link.bin")
+    model = onnx.load(path, load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "link.bin"
+    onnx.save(model, path)
+    with pytest.raises(UnsafeModelError, match="link"):
+        load_onnx(path)
+
+
+def test_missing_external_data_is_an_input_error(tmp_path):
+    path = _with_external_data(str(tmp_path), "weights.bin")
+    os.unlink(tmp_path / "weights.bin")
+    with pytest.raises(InputError, match="missing"):
+        load_onnx(path)
+
+
+def test_cli_rewrites_onnx_and_verifies(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx_models.pytorch_style(), src)
+    before = file_bytes(str(src))
+    proc = run_pwgroup("rewrite", str(src), "-o", str(tmp_path / "out.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "3 sites rewritten" in proc.stdout
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")), full_check=True)
+    assert file_bytes(str(src)) == before
+
+
+def test_cli_default_output_name_for_onnx(tmp_path):
+    onnx.save(onnx_models.single_site(), tmp_path / "m.onnx")
+    proc = run_pwgroup("rewrite", "m.onnx", "--quiet", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.pwgroup.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "empty"),
+        (b"\x08\x07garbage\xff\xfe" * 50, "not a readable ONNX model"),
+    ],
+)
+def test_cli_bad_onnx_files(tmp_path, content, needle):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    proc = run_pwgroup("rewrite", str(path), "-o", str(tmp_path / "o.onnx"))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+    assert not (tmp_path / "o.onnx").exists() and path.read_bytes() == content
+
+
+def test_cli_refuses_escaping_external_data(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = _with_external_data(str(folder), "../outside.bin")
+    proc = run_pwgroup("report", path)
+    assert proc.returncode == 2 and "outside the model's folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_save_refuses_the_input_path_and_writes_atomically(tmp_path):
+    path = str(tmp_path / "m.onnx")
+    model = onnx_models.single_site()
+    onnx.save(model, path)
+    new, _ = graphopt.rewrite(model)
+    with pytest.raises(graphopt.GraphoptError, match="refusing to overwrite"):
+        graphopt.save(new, path, source=path)
+    graphopt.save(new, str(tmp_path / "o.onnx"))
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]  # no temporary left behind
+    np.testing.assert_equal(count_params(load_onnx(str(tmp_path / "o.onnx"))), count_params(new))
