@@ -47,6 +47,27 @@ def _parser() -> argparse.ArgumentParser:
             help="paper: BN/activation in both branches (default); linear: only the conv",
         )
         p.add_argument("--min-channels-per-group", type=_positive, default=16, metavar="N")
+        p.add_argument(
+            "--include",
+            action="append",
+            default=[],
+            metavar="GLOB",
+            help="rewrite only sites whose name matches (repeatable)",
+        )
+        p.add_argument(
+            "--exclude",
+            action="append",
+            default=[],
+            metavar="GLOB",
+            help="leave sites whose name matches (repeatable)",
+        )
+        p.add_argument(
+            "--keep-last",
+            type=int,
+            default=0,
+            metavar="N",
+            help="leave the last N sites (nearest the output) as they are",
+        )
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -67,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
             help="ONNX: onnxruntime provider for the check (falls back to CPU)",
         )
         p.add_argument("--quiet", action="store_true", help="print nothing on success")
+        p.add_argument(
+            "--progress",
+            action="store_true",
+            help="show progress on stderr even when it is not a terminal",
+        )
+        p.add_argument(
+            "--html", metavar="FILE", help="write a self-contained HTML page with a chart per site"
+        )
     for p in (rewrite, report, export):
         p.add_argument("--classes", type=_positive, help="keras.applications: number of classes")
         p.add_argument(
@@ -164,6 +193,9 @@ def _write_text(path: str, text: str, inputs: list[str]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -171,29 +203,39 @@ def _write_text(path: str, text: str, inputs: list[str]) -> None:
 
 
 def _run_one(graphopt, args, source: str, output: str | None):
-    """Load, rewrite, save (when asked) and measure one model; return its report."""
+    """Load, rewrite, check, save (when asked) and measure one model; return its report."""
+    from graphopt.progress import step, wanted
+
+    show = wanted(args.progress, args.quiet)
     kind = graphopt.model_kind(source)
-    model = graphopt.load(
-        source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
-    )
-    new_model, report = graphopt.rewrite(
-        model,
-        mode=args.mode,
-        min_channels_per_group=args.min_channels_per_group,
-        seed=args.seed,
-        name=source,
-    )
+    with step(f"loading {source}", show):
+        model = graphopt.load(
+            source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
+        )
+    with step(f"rewriting {source}", show):
+        new_model, report = graphopt.rewrite(
+            model,
+            mode=args.mode,
+            min_channels_per_group=args.min_channels_per_group,
+            seed=args.seed,
+            name=source,
+            include=args.include,
+            exclude=args.exclude,
+            keep_last=args.keep_last,
+        )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify
 
-        verify(model, new_model, provider=args.provider)
-    report.totals.file_size_before = (
-        os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
-    )
-    if output is not None:
-        report.totals.file_size_after = graphopt.save(new_model, output, source=source)
-    else:
-        report.totals.file_size_after = _size_when_saved(graphopt, new_model)
+        with step("checking in onnxruntime", show):
+            verify(model, new_model, provider=args.provider)
+    with step(f"saving {output}" if output else "measuring file sizes", show):
+        report.totals.file_size_before = (
+            os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
+        )
+        if output is not None:
+            report.totals.file_size_after = graphopt.save(new_model, output, source=source)
+        else:
+            report.totals.file_size_after = _size_when_saved(graphopt, new_model)
     return report
 
 
@@ -252,8 +294,9 @@ def _main(args) -> int:
         output = args.output or _default_output(sources[0], graphopt.model_kind(sources[0]))
     reports = [_run_one(graphopt, args, s, output) for s in sources]
     if not args.quiet:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         for r in reports:
-            sys.stdout.write(r.to_text())
+            sys.stdout.write(r.to_text(color=color))
         if len(reports) > 1:
             sys.stdout.write("\n" + _summary(reports))
         if output:
@@ -272,6 +315,10 @@ def _main(args) -> int:
         _write_text(args.json, json.dumps(data, indent=2) + "\n", sources)
     if args.markdown:
         _write_text(args.markdown, "\n".join(r.to_markdown() for r in reports), sources)
+    if args.html:
+        from graphopt.report_html import render_html
+
+        _write_text(args.html, render_html(reports), sources)
     if args.fail_under is not None:
         below = [r for r in reports if r.totals.reduction_pct < args.fail_under]
         for r in below:

@@ -6,7 +6,7 @@ import math
 import os
 
 from graphopt.errors import InputError, OutputError, UsageError
-from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, MODES
+from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, MODES, Selection
 from graphopt.report import Report, Totals
 
 
@@ -28,21 +28,35 @@ def rewrite(
     min_channels_per_group: int = DEFAULT_MIN_CHANNELS_PER_GROUP,
     seed: int = 0,
     name: str | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    keep_last: int = 0,
 ):
-    """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report)."""
+    """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
+
+    `include`/`exclude` are globs on site names; `keep_last` leaves the last N sites as they
+    are. Every site left alone is listed in `report.skipped` with the reason.
+    """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
     if not isinstance(min_channels_per_group, int) or min_channels_per_group < 1:
         raise UsageError("min_channels_per_group must be a positive integer")
+    if not isinstance(keep_last, int) or keep_last < 0:
+        raise UsageError("keep_last must be a non-negative integer")
     if _is_keras(model):
-        return _rewrite_keras(model, mode, min_channels_per_group, seed, name)
-    if _is_onnx(model):
-        from graphopt.backends.onnx_rewrite import rewrite_onnx
-
-        return rewrite_onnx(model, mode, min_channels_per_group, seed, name)
-    raise UsageError(
-        f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"
-    )
+        backend = _rewrite_keras
+    elif _is_onnx(model):
+        from graphopt.backends.onnx_rewrite import rewrite_onnx as backend
+    else:
+        raise UsageError(
+            f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"
+        )
+    selection = Selection(tuple(include), tuple(exclude))
+    if keep_last:
+        _, first = backend(model, mode, min_channels_per_group, seed, name, selection)
+        kept = frozenset(s.name for s in first.sites[-keep_last:])
+        selection = Selection(tuple(include), tuple(exclude), keep_last, kept)
+    return backend(model, mode, min_channels_per_group, seed, name, selection)
 
 
 def keras_counts(model) -> tuple[int, int]:
@@ -51,10 +65,10 @@ def keras_counts(model) -> tuple[int, int]:
     return int(model.count_params()), int(trainable)
 
 
-def _rewrite_keras(model, mode, min_channels_per_group, seed, name):
+def _rewrite_keras(model, mode, min_channels_per_group, seed, name, selection):
     from graphopt.backends.keras_rewrite import KerasRewrite
 
-    job = KerasRewrite(mode, min_channels_per_group, seed)
+    job = KerasRewrite(mode, min_channels_per_group, seed, selection)
     new_model = job.model(model)
     before, after = keras_counts(model), keras_counts(new_model)
     totals = Totals(before[0], after[0], before[1], after[1])

@@ -8,6 +8,7 @@ multiply-accumulates (MACs) before and after.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 
 PAPER = "paper"
 LINEAR = "linear"
@@ -153,3 +154,27 @@ def plan_site(
         l_norm_params=norm_all * filters,
         l_norm_trainable=norm_trainable * filters,
     )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which sites the user wants rewritten: --include/--exclude globs and --keep-last N."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_last: int = 0
+    kept: frozenset[str] = frozenset()
+    """The last `keep_last` site names, found by a first pass over the model."""
+
+    def skip_reason(self, name: str) -> str | None:
+        if self.include and not any(fnmatchcase(name, p) for p in self.include):
+            return f"not matched by --include {' '.join(self.include)}"
+        for pattern in self.exclude:
+            if fnmatchcase(name, pattern):
+                return f"matched by --exclude {pattern}"
+        if name in self.kept:
+            return f"kept by --keep-last {self.keep_last}"
+        return None
+
+
+EVERY_SITE = Selection()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 from graphopt.plan import SitePlan, Skipped
 
 SCHEMA_VERSION = 1
+SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema", "report.schema.json")
 
 
 def _pct(before: int | None, after: int | None) -> float:
@@ -86,8 +88,8 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def to_text(self, width: int = 80) -> str:
-        return render_text(self, width)
+    def to_text(self, width: int = 80, color: bool = False) -> str:
+        return render_text(self, width, color)
 
     def to_markdown(self) -> str:
         return render_markdown(self)
@@ -121,6 +123,10 @@ def shorten(name: str, width: int) -> str:
     return name[:head] + "…" + name[-tail:]
 
 
+def shorten_end(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 _COLUMNS = ("Cin", "F", "N", "step", "L", "params", "after", "MACs", "after")
 
 
@@ -138,7 +144,12 @@ def _site_row(s: SitePlan) -> tuple:
     )
 
 
-def render_text(report: Report, width: int = 80) -> str:
+def _paint(text: str, code: str, color: bool) -> str:
+    return f"\033[{code}m{text}\033[0m" if color else text
+
+
+def render_text(report: Report, width: int = 80, color: bool = False) -> str:
+    """The terminal table: fits `width` columns (long names keep both ends); ANSI when color."""
     widths = (5, 5, 4, 4, 3, 7, 7, 7, 7)
     name_width = max(12, width - sum(w + 1 for w in widths) - 1)
     lines = [
@@ -146,7 +157,7 @@ def render_text(report: Report, width: int = 80) -> str:
         f"{report.model}"
     ]
     header = "site".ljust(name_width) + " " + " ".join(c.rjust(w) for c, w in zip(_COLUMNS, widths))
-    lines += [header, "-" * len(header)]
+    lines += [_paint(header, "1", color), "-" * len(header)]
     for s in report.sites:
         cells = " ".join(str(v).rjust(w) for v, w in zip(_site_row(s), widths))
         lines.append(shorten(s.name, name_width).ljust(name_width) + " " + cells)
@@ -155,13 +166,13 @@ def render_text(report: Report, width: int = 80) -> str:
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
-            lines.append(f"  {shorten(sk.name, 30)}: {sk.reason}"[:width])
+            lines.append(shorten_end(f"  {shorten(sk.name, 30)}: {sk.reason}", width))
     lines.append("")
-    lines += _totals_lines(report)
+    lines += _totals_lines(report, color)
     return "\n".join(lines) + "\n"
 
 
-def _totals_lines(report: Report) -> list[str]:
+def _totals_lines(report: Report, color: bool = False) -> list[str]:
     t = report.totals
     rows = [
         ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
@@ -192,9 +203,10 @@ def _totals_lines(report: Report) -> list[str]:
         b = "-" if before is None else f"{before:,}"
         a = "-" if after is None else f"{after:,}"
         out.append(f"{label:22}{b:>15}{a:>15}{pct:>8.2f}%")
+    pct = _paint(f"{t.reduction_pct:.2f}%", "1;32" if t.reduction_pct > 0 else "1;33", color)
     out.append(
         f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
-        f"trainable parameters reduced by {t.reduction_pct:.2f}%"
+        f"trainable parameters reduced by {pct}"
     )
     return out
 

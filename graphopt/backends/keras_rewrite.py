@@ -14,7 +14,7 @@ import numpy as np
 
 from graphopt.backends.keras_layers import ChannelInterleave, GroupedPointwiseConv
 from graphopt.errors import UnsupportedModelError
-from graphopt.plan import PAPER, SitePlan, Skipped, plan_site
+from graphopt.plan import EVERY_SITE, PAPER, Selection, SitePlan, Skipped, plan_site
 
 _SITE_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 _STATELESS_ACTIVATIONS = (
@@ -49,6 +49,7 @@ class KerasRewrite:
     mode: str
     min_channels_per_group: int
     seed: int = 0
+    selection: Selection = EVERY_SITE
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -131,6 +132,10 @@ class KerasRewrite:
             name = prefix + layer.name
             if not is_pointwise(layer):
                 self.skipped.append(Skipped(name, _why_not(layer)))
+                continue
+            reason = self.selection.skip_reason(name)
+            if reason:
+                self.skipped.append(Skipped(name, reason))
                 continue
             nodes = [n for n in layer._inbound_nodes if id(n) in consumers["__nodes__"]]
             chain = []

@@ -11,7 +11,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.backends.onnx_io import count_params
-from graphopt.plan import PAPER, SitePlan, Skipped, interleave_permutation, plan_site
+from graphopt.plan import (
+    EVERY_SITE,
+    PAPER,
+    Selection,
+    SitePlan,
+    Skipped,
+    interleave_permutation,
+    plan_site,
+)
 from graphopt.report import Report, Totals
 
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
@@ -21,11 +29,16 @@ INTERLEAVE = "gather"
 
 
 def rewrite_onnx(
-    model: onnx.ModelProto, mode: str, min_channels_per_group: int, seed: int, name: str | None
+    model: onnx.ModelProto,
+    mode: str,
+    min_channels_per_group: int,
+    seed: int,
+    name: str | None,
+    selection: Selection = EVERY_SITE,
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report)."""
     job = _OnnxRewrite(
-        mode, min_channels_per_group, np.random.default_rng(seed), _known_shapes(model)
+        mode, min_channels_per_group, np.random.default_rng(seed), _known_shapes(model), selection
     )
     graph = gs.import_onnx(model)
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -99,6 +112,7 @@ class _OnnxRewrite:
     min_channels_per_group: int
     rng: np.random.Generator
     shapes: dict
+    selection: Selection = EVERY_SITE
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
@@ -120,6 +134,10 @@ class _OnnxRewrite:
                 self.skipped.append(
                     Skipped(label, f"already grouped ({node.attrs['group']} groups)")
                 )
+                continue
+            reason = self.selection.skip_reason(label)
+            if reason:
+                self.skipped.append(Skipped(label, reason))
                 continue
             self._site(graph, node, weight, label)
 
