@@ -72,6 +72,49 @@ def check_external_data(model: onnx.ModelProto, folder: str, source: str) -> Non
             raise InputError(f"{source}: external data file '{location}' is missing")
 
 
+MAX_TENSOR_BYTES = int(os.environ.get("PWGROUP_MAX_TENSOR_BYTES", 8 * 2**30))
+_ITEM_SIZE = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.DOUBLE: 8,
+    onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.BOOL: 1,
+}
+
+
+def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
+    """Refuse tensors that declare more than MAX_TENSOR_BYTES, or more or fewer elements than
+    they hold: such a model would make pwgroup allocate what the file does not contain."""
+    for t in iter_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise InputError(f"{source}: tensor '{t.name}' declares a negative dimension")
+        count = math.prod(t.dims)
+        size = _ITEM_SIZE.get(t.data_type)
+        if size is None:
+            continue
+        if count * size > MAX_TENSOR_BYTES:
+            raise InputError(
+                f"{source}: tensor '{t.name}' declares {count:,} elements "
+                f"({count * size:,} bytes), over the limit of {MAX_TENSOR_BYTES:,} "
+                "(PWGROUP_MAX_TENSOR_BYTES)"
+            )
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            held = int(info["length"]) // size if "length" in info else count
+        elif t.HasField("raw_data"):
+            held = len(t.raw_data) // size
+        else:
+            held = max(len(t.float_data), len(t.int32_data), len(t.int64_data), len(t.double_data))
+        if held != count and not (held == 0 and count == 0):
+            raise InputError(
+                f"{source}: tensor '{t.name}' declares {count:,} elements but holds {held:,}"
+            )
+
+
 def load_onnx(path: str) -> onnx.ModelProto:
     """Parse without external data, validate its locations, then read it."""
     try:
@@ -82,10 +125,15 @@ def load_onnx(path: str) -> onnx.ModelProto:
         raise InputError(f"{path}: the ONNX model has an empty graph")
     folder = os.path.dirname(os.path.abspath(path))
     check_external_data(model, folder, path)
+    check_tensor_sizes(model, path)
     try:
         onnx.load_external_data_for_model(model, folder)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from exc
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
     return model
 
 

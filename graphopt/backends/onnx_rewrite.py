@@ -44,9 +44,10 @@ def rewrite_onnx(
     for g in [graph, *graph.subgraphs(recursive=True)]:
         job.graph(g)
     if job.sites:
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.toposort()
         new = gs.export_onnx(graph, do_type_check=False)
         _keep_identity(model, new)
+        _keep_unused_initializers(model, new, job.removed_weights)
     else:
         new = onnx.ModelProto()
         new.CopyFrom(model)  # no site: the same graph, untouched by any cleanup
@@ -62,6 +63,15 @@ def rewrite_onnx(
         job.skipped,
     )
     return new, report
+
+
+def _keep_unused_initializers(original, new, removed: set[str]) -> None:
+    """Initializers the input did not use are not ours to delete: graphsurgeon's export only
+    writes the ones a node reads, so put the others back."""
+    present = {t.name for t in new.graph.initializer}
+    for t in original.graph.initializer:
+        if t.name not in present and t.name not in removed:
+            new.graph.initializer.append(t)
 
 
 def _keep_identity(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
@@ -116,6 +126,8 @@ class _OnnxRewrite:
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
+    removed_weights: set = field(default_factory=set)
+    """Names of the weight initializers of replaced convs (they may go with them)."""
 
     def graph(self, graph: gs.Graph) -> None:
         self._names |= set(graph.tensors().keys()) | {n.name for n in graph.nodes}
@@ -162,6 +174,7 @@ class _OnnxRewrite:
             self.skipped.append(plan)
             return
         self.sites.append(plan)
+        self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._replace(graph, conv, plan, weight.dtype, chain)
 
     def _positions(self, tensor_name: str) -> int | None:
@@ -280,12 +293,36 @@ class _OnnxRewrite:
                 gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
             )
         # Hand the original output tensor to the last new node, so consumers and graph outputs
-        # keep their names; the old nodes lose their outputs and cleanup() removes them.
+        # keep their names, then take out the old nodes and what only they used.
         producer = result.inputs[0]
         for old in [conv, *chain]:
             old.outputs.clear()
         producer.outputs.clear()
         producer.outputs.append(final)
+        _remove(graph, [conv, *chain])
+
+
+def _remove(graph, nodes) -> None:
+    """Detach `nodes` and drop Constant nodes that fed only them.
+
+    graphsurgeon's cleanup() would also delete what was already dead in the input (a model's
+    unused branches and weights), changing more than the sites; this removes only our own.
+    Clearing a node's *inputs* (never a tensor's outputs) leaves other consumers attached.
+    """
+    gone = {id(n) for n in nodes}
+    for node in nodes:
+        feeders = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+        node.inputs.clear()
+        for tensor in feeders:
+            if (
+                not tensor.outputs
+                and len(tensor.inputs) == 1
+                and tensor.inputs[0].op == ("Constant")
+                and tensor not in graph.outputs
+            ):
+                gone.add(id(tensor.inputs[0]))
+                tensor.inputs[0].outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) not in gone]
 
 
 def _looks_pointwise(node) -> bool:
