@@ -343,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from graphopt.errors import GraphoptError
 
+        models = args.model if isinstance(args.model, list) else [args.model]
+        line = _one_line(exc)
+        if not any(m in line for m in models):
+            line = f"{', '.join(models)}: {line}"  # every message names the file
         if isinstance(exc, (GraphoptError, OSError)):
-            return _fail(_one_line(exc))
+            return _fail(line)
         return _fail(
-            f"unexpected error: {type(exc).__name__}: {_one_line(exc)} "
-            "(run with --debug for the traceback)"
+            f"unexpected error: {type(exc).__name__}: {line} (run with --debug for the traceback)"
         )
 
 

@@ -154,3 +154,29 @@ def test_repeated_rewrites_do_not_grow_memory():
     end = _rss_mb()
     # Growth must not continue: the second burst adds no more than a small slack.
     assert end - middle < 25, (base, middle, end)
+
+
+class _Scale(keras.layers.Layer):
+    """A user's custom layer whose config cannot re-create it (no get_config override)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w * self.factor
+
+
+def test_unknown_custom_layers_pass_through_untouched():
+    inp = keras.Input((4, 4, 32))
+    x = _Scale(3.0)(inp)
+    out = keras.layers.Conv2D(32, 1, name="pw")(x)
+    model = keras.Model(inp, out)
+    new, report = graphopt.rewrite(model)
+    assert [s.name for s in report.sites] == ["pw"]
+    custom = [layer for layer in new.layers if isinstance(layer, _Scale)]
+    assert len(custom) == 1 and custom[0].factor == 3.0
+    assert keras_counts(new)[0] == report.totals.params_after

@@ -135,3 +135,34 @@ def test_save_refuses_the_input_path_and_writes_atomically(tmp_path):
     graphopt.save(new, str(tmp_path / "o.onnx"))
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]  # no temporary left behind
     np.testing.assert_equal(count_params(load_onnx(str(tmp_path / "o.onnx"))), count_params(new))
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    from graphopt.backends import onnx_io
+
+    monkeypatch.setattr(onnx_io, "_TWO_GB", 1000)  # treat this small model as a large one
+    new, report = graphopt.rewrite(onnx_models.pytorch_style())
+    path = str(tmp_path / "big.onnx")
+    graphopt.save(new, path)
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    reloaded = load_onnx(path)
+    assert count_params(reloaded) == report.totals.params_after
+
+
+@pytest.mark.parametrize("how", ["absolute", "symlink"])
+def test_cli_refuses_absolute_and_linked_external_data(tmp_path, how):
+    if how == "absolute":
+        path = _with_external_data(str(tmp_path), str(tmp_path / "abs" / "w.bin"))
+    else:
+        path = _with_external_data(str(tmp_path), "real.bin")
+        os.symlink(tmp_path / "real.bin", tmp_path / "link.bin")
+        model = onnx.load(path, load_external_data=False)
+        for e in model.graph.initializer[0].external_data:
+            if e.key == "location":
+                e.value = "link.bin"
+        onnx.save(model, path)
+    before = file_bytes(path)
+    proc = run_pwgroup("rewrite", path, "-o", str(tmp_path / "out.onnx"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "refused" in proc.stderr and file_bytes(path) == before
+    assert not (tmp_path / "out.onnx").exists()

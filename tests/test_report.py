@@ -213,3 +213,21 @@ def test_cli_writes_every_format_and_progress_on_request(keras_fixtures, tmp_pat
     assert "\033[" not in proc.stdout  # not a terminal: no colour
     quiet = run_pwgroup("report", "m.onnx", "--quiet", cwd=str(tmp_path))
     assert quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_progress_spinner_shows_slow_steps_only(monkeypatch):
+    import io
+    import time
+
+    from graphopt import progress
+
+    monkeypatch.setattr(progress, "DELAY_S", 0.05)
+    stream = io.StringIO()
+    with progress.step("rewriting m.onnx", True, stream):
+        time.sleep(0.4)
+    assert "rewriting m.onnx" in stream.getvalue() and "done in" in stream.getvalue()
+    quiet = io.StringIO()
+    with progress.step("fast", True, quiet):
+        pass
+    assert quiet.getvalue() == ""
+    assert progress.wanted(True) and not progress.wanted(False, quiet=True)

@@ -105,7 +105,10 @@ class KerasRewrite:
             self._skip_nested(op, prefix)
             new = op
         elif isinstance(op, keras.layers.Layer):
-            new = op.__class__.from_config(op.get_config())
+            try:
+                new = op.__class__.from_config(op.get_config())
+            except (TypeError, ValueError, NotImplementedError, KeyError):
+                new = op  # a custom layer that cannot be re-created: pass it through as it is
         else:
             new = op  # a stateless keras.ops operation
         clones[id(op)] = new
