@@ -59,6 +59,31 @@ class Report:
     def site_macs_after(self) -> int | None:
         return _sum_or_none(s.macs_after for s in self.sites)
 
+    def totals_rows(self) -> list[tuple[str, int | None, int | None, float]]:
+        """(label, before, after, saved %) of the totals block every renderer shows."""
+        t = self.totals
+        return [
+            ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
+            (
+                "trainable parameters",
+                t.trainable_params_before,
+                t.trainable_params_after,
+                t.reduction_pct,
+            ),
+            (
+                "pointwise MACs",
+                self.site_macs_before,
+                self.site_macs_after,
+                _pct(self.site_macs_before, self.site_macs_after),
+            ),
+            (
+                "file size (bytes)",
+                t.file_size_before,
+                t.file_size_after,
+                _pct(t.file_size_before, t.file_size_after),
+            ),
+        ]
+
     def to_dict(self) -> dict:
         totals = {
             "params_before": self.totals.params_before,
@@ -174,30 +199,7 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
 
 def _totals_lines(report: Report, color: bool = False) -> list[str]:
     t = report.totals
-    rows = [
-        ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
-        (
-            "trainable parameters",
-            t.trainable_params_before,
-            t.trainable_params_after,
-            t.reduction_pct,
-        ),
-        (
-            "pointwise MACs",
-            report.site_macs_before,
-            report.site_macs_after,
-            _pct(report.site_macs_before, report.site_macs_after),
-        ),
-    ]
-    if t.file_size_before is not None:
-        rows.append(
-            (
-                "file size (bytes)",
-                t.file_size_before,
-                t.file_size_after,
-                _pct(t.file_size_before, t.file_size_after),
-            )
-        )
+    rows = [r for r in report.totals_rows() if r[1] is not None or r[0] != "file size (bytes)"]
     out = [f"{'':22}{'before':>15}{'after':>15}{'saved':>9}"]
     for label, before, after, pct in rows:
         b = "-" if before is None else f"{before:,}"
@@ -223,27 +225,7 @@ def render_markdown(report: Report) -> str:
         "| | before | after | saved |",
         "|---|---:|---:|---:|",
     ]
-    for label, before, after, pct in (
-        ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
-        (
-            "trainable parameters",
-            t.trainable_params_before,
-            t.trainable_params_after,
-            t.reduction_pct,
-        ),
-        (
-            "pointwise MACs",
-            report.site_macs_before,
-            report.site_macs_after,
-            _pct(report.site_macs_before, report.site_macs_after),
-        ),
-        (
-            "file size (bytes)",
-            t.file_size_before,
-            t.file_size_after,
-            _pct(t.file_size_before, t.file_size_after),
-        ),
-    ):
+    for label, before, after, pct in report.totals_rows():
         b = "–" if before is None else f"{before:,}"
         a = "–" if after is None else f"{after:,}"
         lines.append(f"| {label} | {b} | {a} | {pct:.2f}% |")

@@ -80,19 +80,7 @@ def _section(report: Report) -> str:
         "<table>",
         _row(["", "before", "after", "saved"], header=True),
     ]
-    for label, before, after, pct in (
-        ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
-        (
-            "trainable parameters",
-            t.trainable_params_before,
-            t.trainable_params_after,
-            t.reduction_pct,
-        ),
-        ("pointwise MACs", report.site_macs_before, report.site_macs_after, None),
-        ("file size (bytes)", t.file_size_before, t.file_size_after, None),
-    ):
-        if pct is None:
-            pct = 100.0 * (before - after) / before if before and after is not None else 0.0
+    for label, before, after, pct in report.totals_rows():
         parts.append(
             _row(
                 [
