@@ -180,3 +180,28 @@ def test_opset_11_model_keeps_opset_11():
     new, _ = graphopt.rewrite(model)
     assert [o.version for o in new.opset_import] == [11]
     onnx.checker.check_model(new, full_check=True)
+
+
+@pytest.mark.parametrize("kind", ["gather", "transpose", "auto"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_every_interleave_implementation_matches_numpy(kind, rank, monkeypatch):
+    from graphopt.backends import onnx_rewrite
+
+    monkeypatch.setattr(onnx_rewrite, "INTERLEAVE", kind)
+    monkeypatch.setattr(onnx_rewrite, "TRANSPOSE_FROM_VALUES", 1)
+    model = onnx_models.single_site(64, 32, rank=rank, spatial=4)
+    new, report = graphopt.rewrite(model, mode="linear")
+    ops = {n.op_type for n in new.graph.node}
+    assert ("Gather" in ops) == (kind == "gather") and ("Transpose" in ops) == (kind != "gather")
+    w = _inits(new)
+    x = np.random.default_rng(1).standard_normal((3, 64) + (4,) * rank).astype(np.float32)
+    expected = linear_site(
+        np.moveaxis(x, 1, -1),
+        _kernel(w["pw_K_W"]),
+        4,
+        w["pw_K_B"],
+        _kernel(w["pw_L_W"]),
+        w["pw_L_B"],
+    )
+    (got,) = _run(new, {"x": x})
+    np.testing.assert_allclose(np.moveaxis(got, 1, -1), expected, atol=1e-5)

@@ -26,6 +26,16 @@ ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu
 # "gather" (one Gather on axis 1 with a constant permutation) or "transpose"
 # (Reshape -> Transpose -> Reshape); benchmarks/onnx_interleave.py measures both.
 INTERLEAVE = "gather"
+# With "auto": Reshape-Transpose-Reshape for interleaves of at least this many values per
+# sample (output positions x filters), a Gather for smaller ones.
+TRANSPOSE_FROM_VALUES = 50_000
+
+
+def _interleave_kind(plan: SitePlan) -> str:
+    if INTERLEAVE != "auto":
+        return INTERLEAVE
+    large = plan.positions is not None and plan.positions * plan.filters >= TRANSPOSE_FROM_VALUES
+    return "transpose" if large else "gather"
 
 
 def rewrite_onnx(
@@ -214,7 +224,7 @@ class _OnnxRewrite:
 
     def _interleave(self, graph, x, plan, base):
         out = self._var(f"{base}_interleave_out")
-        if INTERLEAVE == "gather":
+        if _interleave_kind(plan) == "gather":
             perm = np.asarray(interleave_permutation(plan.filters, plan.groups), np.int64)
             graph.nodes.append(
                 gs.Node(
