@@ -103,7 +103,7 @@ def main() -> None:
     )
 
     variants = {"original": original}
-    for kind in ("gather", "transpose", "auto"):
+    for kind in ("gather", "transpose"):
         onnx_rewrite.INTERLEAVE = kind
         variants[f"rewritten/{kind}"], report = graphopt.rewrite(original)
     onnx_rewrite.INTERLEAVE = "gather"

@@ -24,18 +24,11 @@ from graphopt.report import Report, Totals
 
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
 # "gather" (one Gather on axis 1 with a constant permutation) or "transpose"
-# (Reshape -> Transpose -> Reshape); benchmarks/onnx_interleave.py measures both.
+# (Reshape -> Transpose -> Reshape). benchmarks/onnx_b0.py measures both on EfficientNetB0;
+# three runs gave whole-model ratios within each other's noise (batch 1: gather 0.60-0.82x,
+# transpose 0.63-1.00x; batch 32: gather 0.83-0.88x, transpose 0.76-0.84x), so the simpler
+# single node is the default.
 INTERLEAVE = "gather"
-# With "auto": Reshape-Transpose-Reshape for interleaves of at least this many values per
-# sample (output positions x filters), a Gather for smaller ones.
-TRANSPOSE_FROM_VALUES = 50_000
-
-
-def _interleave_kind(plan: SitePlan) -> str:
-    if INTERLEAVE != "auto":
-        return INTERLEAVE
-    large = plan.positions is not None and plan.positions * plan.filters >= TRANSPOSE_FROM_VALUES
-    return "transpose" if large else "gather"
 
 
 def rewrite_onnx(
@@ -224,7 +217,7 @@ class _OnnxRewrite:
 
     def _interleave(self, graph, x, plan, base):
         out = self._var(f"{base}_interleave_out")
-        if _interleave_kind(plan) == "gather":
+        if INTERLEAVE == "gather":
             perm = np.asarray(interleave_permutation(plan.filters, plan.groups), np.int64)
             graph.nodes.append(
                 gs.Node(
