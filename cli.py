@@ -222,6 +222,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             include=args.include,
             exclude=args.exclude,
             keep_last=args.keep_last,
+            skip_slower=args.skip_slower,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -31,11 +32,13 @@ def rewrite(
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     keep_last: int = 0,
+    skip_slower: bool = False,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
     `include`/`exclude` are globs on site names; `keep_last` leaves the last N sites as they
-    are. Every site left alone is listed in `report.skipped` with the reason.
+    are; `skip_slower` (ONNX) leaves a site whose replacement runs slower in onnxruntime than
+    the dense conv. Every site left alone is listed in `report.skipped` with the reason.
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -44,9 +47,13 @@ def rewrite(
     if not isinstance(keep_last, int) or keep_last < 0:
         raise UsageError("keep_last must be a non-negative integer")
     if _is_keras(model):
+        if skip_slower:
+            raise UsageError("skip_slower times sites in onnxruntime: it applies to ONNX models")
         backend = _rewrite_keras
     elif _is_onnx(model):
-        from graphopt.backends.onnx_rewrite import rewrite_onnx as backend
+        from graphopt.backends.onnx_rewrite import rewrite_onnx
+
+        backend = functools.partial(rewrite_onnx, skip_slower=skip_slower)
     else:
         raise UsageError(
             f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"

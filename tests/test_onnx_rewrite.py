@@ -204,3 +204,24 @@ def test_every_interleave_implementation_matches_numpy(kind, rank, monkeypatch):
     )
     (got,) = _run(new, {"x": x})
     np.testing.assert_allclose(np.moveaxis(got, 1, -1), expected, atol=1e-5)
+
+
+def test_skip_slower_times_sites_and_lists_the_slow_ones():
+    model = onnx_models.single_site(64, 64, spatial=16)
+    _, full = graphopt.rewrite(model)
+    new, report = graphopt.rewrite(model, skip_slower=True)
+    verify(model, new)
+    slow = [s for s in report.skipped if "slower than the dense conv" in s.reason]
+    assert len(report.sites) + len(slow) == len(full.sites) == 1
+    for s in slow:
+        assert float(s.reason.split("(")[1].split("x")[0]) > 1.0
+    # dynamic spatial dims: nothing to time, every site is rewritten
+    _, dynamic = graphopt.rewrite(onnx_models.pytorch_style(), skip_slower=True)
+    assert len(dynamic.sites) == 3
+
+
+def test_skip_slower_is_for_onnx_only():
+    from fixtures import keras_models
+
+    with pytest.raises(graphopt.GraphoptError, match="ONNX"):
+        graphopt.rewrite(keras_models.pointwise_block(), skip_slower=True)

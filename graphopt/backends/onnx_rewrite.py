@@ -38,11 +38,17 @@ def rewrite_onnx(
     seed: int,
     name: str | None,
     selection: Selection = EVERY_SITE,
+    skip_slower: bool = False,
 ):
-    """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report)."""
+    """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
+
+    With `skip_slower`, each site is first timed alone in onnxruntime against its dense
+    original, and a site that would run slower is left as it is (and listed in `skipped`).
+    """
     job = _OnnxRewrite(
         mode, min_channels_per_group, np.random.default_rng(seed), _known_shapes(model), selection
     )
+    job.skip_slower = skip_slower
     graph = gs.import_onnx(model)
     for g in [graph, *graph.subgraphs(recursive=True)]:
         job.graph(g)
@@ -129,6 +135,7 @@ class _OnnxRewrite:
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
+    skip_slower: bool = False
     removed_weights: set = field(default_factory=set)
     """Names of the weight initializers of replaced convs (they may go with them)."""
 
@@ -176,6 +183,18 @@ class _OnnxRewrite:
         if isinstance(plan, Skipped):
             self.skipped.append(plan)
             return
+        if self.skip_slower:
+            ratio = _timed(plan)
+            if ratio is not None and ratio > 1.0:
+                self.skipped.append(
+                    Skipped(
+                        label,
+                        f"slower than the dense conv in onnxruntime ({ratio:.2f}x, --skip-slower)",
+                        cin,
+                        filters,
+                    )
+                )
+                return
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._replace(graph, conv, plan, weight.dtype, chain)
@@ -326,6 +345,16 @@ def _remove(graph, nodes) -> None:
                 gone.add(id(tensor.inputs[0]))
                 tensor.inputs[0].outputs.clear()
     graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+
+
+def _timed(plan: SitePlan) -> float | None:
+    """Speed of this site's replacement (linear mode, same groups) against the dense conv."""
+    from graphopt.backends.onnx_timing import speed_ratio
+
+    def rewrite_alone(dense):
+        return rewrite_onnx(dense, "linear", plan.cin // plan.groups, 0, None)[0]
+
+    return speed_ratio(plan, rewrite_alone)
 
 
 def _looks_pointwise(node) -> bool:
