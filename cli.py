@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
             metavar="N",
             help="leave the last N sites (nearest the output) as they are",
         )
+        p.add_argument(
+            "--skip-slower",
+            action="store_true",
+            help="ONNX: time each site in onnxruntime and leave those that would run slower "
+            "than the dense conv",
+        )
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")

@@ -166,3 +166,11 @@ def test_cli_refuses_absolute_and_linked_external_data(tmp_path, how):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "refused" in proc.stderr and file_bytes(path) == before
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_skip_slower_on_onnx_and_refused_on_keras(tmp_path, keras_fixtures):
+    onnx.save(onnx_models.single_site(64, 64, spatial=16), tmp_path / "m.onnx")
+    proc = run_pwgroup("report", "m.onnx", "--skip-slower", "--json", "r.json", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_pwgroup("report", keras_fixtures["residual"], "--skip-slower")
+    assert proc.returncode == 2 and "applies to ONNX models" in proc.stderr
