@@ -7,20 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
+
+from timing import median_time
 
 import graphopt
-
-
-def _timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -35,8 +26,8 @@ def main() -> None:
             model = getattr(keras.applications, f"EfficientNet{variant}")(weights=None, classes=10)
             path = os.path.join(tmp, f"{variant}.keras")
             model.save(path)
-            load_save = _timed(lambda: keras.models.load_model(path).save(path), args.repeat)
-            rewrite = _timed(lambda: graphopt.rewrite(model), args.repeat)
+            load_save = median_time(lambda: keras.models.load_model(path).save(path), args.repeat)
+            rewrite = median_time(lambda: graphopt.rewrite(model), args.repeat)
             print(
                 f"EfficientNet{variant}: rewrite {rewrite:6.2f} s, load+save {load_save:6.2f} s, "
                 f"ratio {rewrite / load_save:.2f} (median of {args.repeat})",

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from timing import median_time
 
 import graphopt
 from graphopt.backends import onnx_rewrite
@@ -48,15 +49,6 @@ def interleaved_medians(sessions: dict, feed: dict, repeat: int) -> dict:
             s.run(None, feed)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
-
-
-def timed(fn, repeat: int = 3) -> float:
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def single_conv(cin: int, filters: int, hw: int) -> onnx.ModelProto:
@@ -95,8 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "b0.onnx")
         save_onnx(original, path)
-        load_save = timed(lambda: save_onnx(load_onnx(path), path))
-    rewrite = timed(lambda: graphopt.rewrite(original))
+        load_save = median_time(lambda: save_onnx(load_onnx(path), path))
+    rewrite = median_time(lambda: graphopt.rewrite(original))
     print(
         f"EfficientNetB0 ONNX {args.size}x{args.size}: rewrite {rewrite:.2f} s, "
         f"load+save {load_save:.2f} s, ratio {rewrite / load_save:.2f}"
