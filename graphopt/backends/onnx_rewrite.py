@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.backends.onnx_io import count_params
+from graphopt.backends.onnx_io import count_params, iter_graphs
 from graphopt.plan import (
     EVERY_SITE,
     PAPER,
@@ -46,9 +46,13 @@ def rewrite_onnx(
     original, and a site that would run slower is left as it is (and listed in `skipped`).
     """
     job = _OnnxRewrite(
-        mode, min_channels_per_group, np.random.default_rng(seed), _known_shapes(model), selection
+        mode,
+        min_channels_per_group,
+        np.random.default_rng(seed),
+        _known_shapes(model),
+        selection,
+        skip_slower,
     )
-    job.skip_slower = skip_slower
     graph = gs.import_onnx(model)
     for g in [graph, *graph.subgraphs(recursive=True)]:
         job.graph(g)
@@ -101,17 +105,11 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
     except Exception:  # noqa: BLE001 - inference is a nicety (MACs); the rewrite needs none
         return {}
     shapes = {}
-    for graph in _graphs(inferred.graph):
+    for graph in iter_graphs(inferred.graph):
         for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
             dims = vi.type.tensor_type.shape.dim
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return shapes
-
-
-def _graphs(graph):
-    from graphopt.backends.onnx_io import iter_graphs
-
-    return iter_graphs(graph)
 
 
 def constant_value(tensor) -> np.ndarray | None:
@@ -132,10 +130,10 @@ class _OnnxRewrite:
     rng: np.random.Generator
     shapes: dict
     selection: Selection = EVERY_SITE
+    skip_slower: bool = False
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
-    skip_slower: bool = False
     removed_weights: set = field(default_factory=set)
     """Names of the weight initializers of replaced convs (they may go with them)."""
 
