@@ -39,6 +39,7 @@ class _Site:
     plan: SitePlan
     layer: keras.layers.Layer
     chain: list = field(default_factory=list)
+    """The nodes (calls) of the pulled BatchNormalization/activation, in order."""
     replacement: dict = field(default_factory=dict)
 
 
@@ -64,9 +65,8 @@ class KerasRewrite:
     def model(self, model: keras.Model, prefix: str = "") -> keras.Model:
         """Return a rewritten copy of `model` (Functional or Sequential, nested ones included)."""
         functional = _as_functional(model)
-        consumers = _consumers(functional)
-        output_ids = {id(t) for t in functional.outputs}
-        sites, absorbed = self._find_sites(functional, consumers, output_ids, prefix)
+        graph = _Graph(functional)
+        sites, absorbed = self._find_sites(functional, graph, prefix)
         clones: dict[int, object] = {}
         tensors: dict[int, object] = {}
         new_inputs = []
@@ -86,8 +86,11 @@ class KerasRewrite:
                 elif id(op) in sites:
                     outputs = self._replace(sites[id(op)], args[0])
                 else:
-                    outputs = self._clone(op, clones, prefix)(*args, **kwargs)
-                    _copy_weights(op, clones.get(id(op)))
+                    first_call = id(op) not in clones
+                    clone = self._clone(op, clones, prefix)
+                    outputs = clone(*args, **kwargs)
+                    if first_call:  # now built: give it the original's weights
+                        _copy_weights(op, clone)
                 for ref, new in zip(node.outputs, keras.tree.flatten(outputs)):
                     tensors[id(ref)] = new
         new_outputs = keras.tree.map_structure(lambda t: tensors[id(t)], functional._outputs_struct)
@@ -126,7 +129,7 @@ class KerasRewrite:
 
     # ---- finding sites --------------------------------------------------------------------
 
-    def _find_sites(self, model, consumers, output_ids, prefix):
+    def _find_sites(self, model, graph: _Graph, prefix):
         sites: dict[int, _Site] = {}
         absorbed: set[int] = set()
         for layer in model.layers:
@@ -140,10 +143,10 @@ class KerasRewrite:
             if reason:
                 self.skipped.append(Skipped(name, reason))
                 continue
-            nodes = [n for n in layer._inbound_nodes if id(n) in consumers["__nodes__"]]
+            nodes = graph.own_nodes(layer)
             chain = []
             if self.mode == PAPER and len(nodes) == 1:
-                chain = _pulled_chain(nodes[0], consumers, output_ids, _channel_axis(layer))
+                chain = _pulled_chain(nodes[0], graph, _channel_axis(layer))
             cin, filters = int(layer.kernel.shape[-2]), int(layer.kernel.shape[-1])
             plan = plan_site(
                 name,
@@ -159,7 +162,7 @@ class KerasRewrite:
                 continue
             self.sites.append(plan)
             sites[id(layer)] = _Site(plan, layer, chain)
-            absorbed.update(id(op) for op in chain)
+            absorbed.update(id(node.operation) for node in chain)
         return sites, absorbed
 
     # ---- the replacement ------------------------------------------------------------------
@@ -188,7 +191,7 @@ class KerasRewrite:
         name = conv.name
         activation = conv.activation if paper else None
         layers = {"k": self._grouped(conv, plan, f"{name}_k", conv.strides, activation)}
-        layers["k_chain"] = [_clone_with_weights(op) for op in site.chain]
+        layers["k_chain"] = [_clone_with_weights(node) for node in site.chain]
         axis = _channel_axis(conv)
         if plan.has_interleave:
             layers["interleave"] = ChannelInterleave(
@@ -196,7 +199,9 @@ class KerasRewrite:
             )
         if plan.has_l:
             layers["l"] = self._grouped(conv, plan, f"{name}_l", 1, activation)
-            layers["l_chain"] = [_fresh_copy(op, f"{op.name}_l") for op in site.chain]
+            layers["l_chain"] = [
+                _fresh_copy(node.operation, f"{node.operation.name}_l") for node in site.chain
+            ]
             layers["sum"] = keras.layers.Add(name=f"{name}_sum")
         if not paper and keras.activations.serialize(conv.activation) != "linear":
             layers["act"] = keras.layers.Activation(conv.activation, name=f"{name}_act")
@@ -250,37 +255,45 @@ def _as_functional(model: keras.Model) -> keras.Model:
     return model
 
 
-def _consumers(model) -> dict:
-    """Map tensor id -> nodes of this model reading it; '__nodes__' holds this model's node ids."""
-    consumers: dict = {"__nodes__": set()}
-    for nodes in model._nodes_by_depth.values():
-        for node in nodes:
-            consumers["__nodes__"].add(id(node))
-            for t in node.input_tensors:
-                consumers.setdefault(id(t), []).append(node)
-    return consumers
+class _Graph:
+    """Who reads which tensor in one Functional model (a layer's nodes may span models)."""
+
+    def __init__(self, model):
+        self.node_ids: set[int] = set()
+        self.readers: dict[int, list] = {}
+        self.output_ids = {id(t) for t in model.outputs}
+        for nodes in model._nodes_by_depth.values():
+            for node in nodes:
+                self.node_ids.add(id(node))
+                for t in node.input_tensors:
+                    self.readers.setdefault(id(t), []).append(node)
+
+    def own_nodes(self, layer) -> list:
+        """The calls of `layer` that belong to this model."""
+        return [n for n in layer._inbound_nodes if id(n) in self.node_ids]
 
 
-def _pulled_chain(node, consumers, output_ids, axis) -> list:
-    """The BatchNormalization and/or activation that only this conv feeds (paper mode)."""
+def _pulled_chain(node, graph: _Graph, axis) -> list:
+    """The calls of the BatchNormalization and/or activation that only this conv feeds."""
     chain = []
     tensor = node.outputs[0]
     while True:
-        readers = consumers.get(id(tensor), [])
-        if id(tensor) in output_ids or len(readers) != 1:
+        readers = graph.readers.get(id(tensor), [])
+        if id(tensor) in graph.output_ids or len(readers) != 1:
             return chain
         nxt = readers[0].operation
-        own_nodes = [n for n in nxt._inbound_nodes if id(n) in consumers["__nodes__"]]
-        if len(own_nodes) != 1 or any(v is not None for v in readers[0].arguments.kwargs.values()):
+        if len(graph.own_nodes(nxt)) != 1 or any(
+            v is not None for v in readers[0].arguments.kwargs.values()
+        ):
             return chain
         if (
             not chain
             and isinstance(nxt, keras.layers.BatchNormalization)
             and _same_axis(nxt.axis, axis, len(tensor.shape))
         ):
-            chain.append(nxt)
+            chain.append(readers[0])
         elif isinstance(nxt, _STATELESS_ACTIVATIONS):
-            chain.append(nxt)
+            chain.append(readers[0])
             return chain
         else:
             return chain
@@ -293,7 +306,7 @@ def _same_axis(bn_axis, conv_axis: int, rank: int) -> bool:
 
 
 def _norm_per_channel(chain) -> tuple[int, int]:
-    for op in chain:
+    for op in (node.operation for node in chain):
         if isinstance(op, keras.layers.BatchNormalization):
             trainable = int(op.scale) + int(op.center)
             return trainable + 2, trainable
@@ -331,8 +344,13 @@ def _why_not(layer) -> str:
     return f"{type(layer).__name__} is not a stock Conv1D/2D/3D"
 
 
-def _clone_with_weights(op):
-    return _WeightsOnBuild(op.__class__.from_config(op.get_config()), op)
+def _clone_with_weights(node):
+    """A copy of the layer of `node`, built for that call and holding the original's weights."""
+    op = node.operation
+    new = op.__class__.from_config(op.get_config())
+    new.build(node.input_tensors[0].shape)
+    _copy_weights(op, new)
+    return new
 
 
 def _fresh_copy(op, name: str):
@@ -348,26 +366,11 @@ def _fresh_copy(op, name: str):
     return op.__class__.from_config(config)
 
 
-class _WeightsOnBuild:
-    """Calls a cloned layer and copies the original's weights once it is built."""
-
-    def __init__(self, new, original):
-        self.new, self.original = new, original
-
-    def __call__(self, *args, **kwargs):
-        out = self.new(*args, **kwargs)
-        _copy_weights(self.original, self.new)
-        return out
-
-
 def _copy_weights(original, new) -> None:
-    if new is None or new is original or not isinstance(original, keras.layers.Layer):
+    """Give a built clone the original's weights (nested models rebuild their own)."""
+    if new is original or isinstance(original, keras.Model):
         return
-    if isinstance(original, keras.Model):
-        return  # nested models are rebuilt with their own weights
-    if getattr(new, "_graphopt_copied", False):
-        return
-    weights = original.get_weights()
-    if weights:
-        new.set_weights(weights)
-    new._graphopt_copied = True
+    if isinstance(original, keras.layers.Layer):
+        weights = original.get_weights()
+        if weights:
+            new.set_weights(weights)
