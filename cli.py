@@ -259,16 +259,26 @@ def _export(graphopt, args, source: str) -> int:
     return EXIT_OK
 
 
-def _check_provider(args) -> None:
-    if getattr(args, "provider", "CPUExecutionProvider") == "CPUExecutionProvider":
+def _check_runtime(graphopt, args, sources: list[str]) -> None:
+    """Before any work: onnxruntime must be there when an ONNX model will be checked or timed
+    (MissingRuntimeError otherwise); warn when both onnxruntime builds are installed, and when
+    the provider asked for is not available."""
+    needs_runtime = not getattr(args, "no_verify", True) or getattr(args, "skip_slower", False)
+    if not needs_runtime or not any(graphopt.model_kind(s) == "onnx" for s in sources):
         return
-    if args.provider == "CPUExecutionProvider":
-        return
-    import onnxruntime
+    from graphopt import runtime
 
-    if args.provider not in onnxruntime.get_available_providers():
+    ort = runtime.onnxruntime(
+        "to time sites for --skip-slower"
+        if args.skip_slower and args.no_verify
+        else "to check rewritten ONNX models (--no-verify skips the check)"
+    )
+    warning = runtime.conflict()
+    if warning:
+        print(f"pwgroup: warning: {warning}", file=sys.stderr)
+    if args.provider not in ort.get_available_providers():
         print(
-            f"pwgroup: note: {args.provider} is not available here; checking on CPU",
+            f"pwgroup: note: {args.provider} is not available here; using CPUExecutionProvider",
             file=sys.stderr,
         )
 
@@ -293,7 +303,7 @@ def _main(args) -> int:
             return _fail(problem)
     with _silenced_stderr():
         import graphopt
-    _check_provider(args)
+    _check_runtime(graphopt, args, sources)
     if args.command == "export":
         return _export(graphopt, args, sources[0])
     output = None

@@ -44,7 +44,11 @@ def speed_ratio(plan: SitePlan, rewrite, provider: str = "CPUExecutionProvider")
 
     spatial = _spatial(plan.positions)
     dense = _dense_site(plan, spatial)
-    sessions = {"dense": session(dense, provider), "new": session(rewrite(dense), provider)}
+    why = "to time sites for --skip-slower"
+    sessions = {
+        "dense": session(dense, provider, why),
+        "new": session(rewrite(dense), provider, why),
+    }
     feed = {
         "x": np.random.default_rng(0).standard_normal((1, plan.cin, *spatial)).astype(np.float32)
     }
