@@ -141,6 +141,35 @@ def test_convs_inside_if_branches_are_rewritten_for_both_branches():
         assert got.shape == (1, 32, 4, 4) and np.isfinite(got).all()
 
 
+def test_a_conv_used_twice_stays_one_layer_with_one_set_of_new_weights():
+    model = onnx_models.shared_head()
+    new, report = graphopt.rewrite(model, mode="linear", seed=3)
+    (plan,) = report.sites  # one layer, one site, as Keras reports a shared layer
+    convs = [n for n in new.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 4 and {tuple(n.input[1:]) for n in convs} == {
+        ("head_p3_K_W", "head_p3_K_B"),
+        ("head_p3_L_W", "head_p3_L_B"),
+    }
+    delta = report.totals.params_after - report.totals.params_before
+    assert delta == plan.params_after - plan.params_before == 32 * 64 // 2 + 32 * 32 // 2 - 64 * 32
+    w = _inits(new)
+    rng = np.random.default_rng(1)
+    feed = {"p3": rng.standard_normal((1, 64, 8, 8)), "p4": rng.standard_normal((1, 64, 4, 4))}
+    feed = {k: v.astype(np.float32) for k, v in feed.items()}
+    for x, got in zip(feed.values(), _run(new, feed)):
+        expected = linear_site(
+            np.moveaxis(x, 1, -1),
+            _kernel(w["head_p3_K_W"]),
+            plan.groups,
+            w["head_p3_K_B"],
+            _kernel(w["head_p3_L_W"]),
+            w["head_p3_L_B"],
+        )
+        np.testing.assert_allclose(np.moveaxis(got, 1, -1), expected, atol=1e-5)
+    _, kept = graphopt.rewrite(model, exclude=["head_p3"])
+    assert not kept.sites and "shares its weights with head_p3" in kept.skipped[1].reason
+
+
 def test_strided_padded_site_keeps_stride_and_pads_on_k():
     model = onnx_models.single_site(64, 64, strides=2, pads=1)
     new, _ = graphopt.rewrite(model, mode="linear")

@@ -136,6 +136,11 @@ class _OnnxRewrite:
     _names: set = field(default_factory=set)
     removed_weights: set = field(default_factory=set)
     """Names of the weight initializers of replaced convs (they may go with them)."""
+    _first_use: dict = field(default_factory=dict)
+    """(weight, bias) tensor names -> label of the first Conv that uses them."""
+    _shared: dict = field(default_factory=dict)
+    """(weight, bias) tensor names -> (plan, new constants) once that conv was replaced: a
+    later Conv with the same weights (a layer called twice) gets the same new weights."""
 
     def graph(self, graph: gs.Graph) -> None:
         self._names |= set(graph.tensors().keys()) | {n.name for n in graph.nodes}
@@ -155,13 +160,29 @@ class _OnnxRewrite:
                     Skipped(label, f"already grouped ({node.attrs['group']} groups)")
                 )
                 continue
+            key = tuple(t.name for t in node.inputs[1:3])
+            if key in self._first_use:
+                self._reuse(graph, node, key, label)
+                continue
+            self._first_use[key] = label
             reason = self.selection.skip_reason(label)
             if reason:
                 self.skipped.append(Skipped(label, reason))
                 continue
-            self._site(graph, node, weight, label)
+            self._site(graph, node, weight, label, key)
 
-    def _site(self, graph, conv, weight, label) -> None:
+    def _reuse(self, graph, conv, key, label) -> None:
+        """A Conv whose weights an earlier Conv already holds: one layer, so one site; it
+        is replaced with the same new weights, or left as it is with the first."""
+        if key not in self._shared:
+            first = self._first_use[key]
+            self.skipped.append(Skipped(label, f"shares its weights with {first}, left as it is"))
+            return
+        plan, weights = self._shared[key]
+        chain = _pulled_chain(graph, conv.outputs[0]) if self.mode == PAPER else []
+        self._replace(graph, conv, plan, None, chain, weights)
+
+    def _site(self, graph, conv, weight, label, key) -> None:
         bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
         if len(conv.inputs) > 2 and bias is None:
             self.skipped.append(Skipped(label, "bias is not a constant"))
@@ -195,7 +216,9 @@ class _OnnxRewrite:
                 return
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
-        self._replace(graph, conv, plan, weight.dtype, chain)
+        weights: dict[str, list] = {}
+        self._shared[key] = (plan, weights)
+        self._replace(graph, conv, plan, weight.dtype, chain, weights)
 
     def _positions(self, tensor_name: str) -> int | None:
         shape = self.shapes.get(tensor_name)
@@ -218,14 +241,19 @@ class _OnnxRewrite:
     def _const(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self._unique(base), values)
 
-    def _grouped_conv(self, graph, x, plan, base, dtype, attrs, use_bias, in_channels):
-        """A Conv with `plan.groups` groups and fresh Glorot-uniform weights (zero bias)."""
-        rank = len(attrs.get("kernel_shape", [])) or 2
+    def _fresh(self, plan, base, dtype, rank, in_channels, use_bias) -> list[gs.Constant]:
+        """New weights of a grouped conv as a framework would make them: Glorot-uniform
+        kernel, zero bias."""
         shape = (plan.filters, in_channels // plan.groups) + (1,) * rank
         limit = math.sqrt(6.0 / (in_channels // plan.groups + plan.filters))
-        inputs = [x, self._const(f"{base}_W", self.rng.uniform(-limit, limit, shape).astype(dtype))]
+        params = [self._const(f"{base}_W", self.rng.uniform(-limit, limit, shape).astype(dtype))]
         if use_bias:
-            inputs.append(self._const(f"{base}_B", np.zeros(plan.filters, dtype)))
+            params.append(self._const(f"{base}_B", np.zeros(plan.filters, dtype)))
+        return params
+
+    def _grouped_conv(self, graph, x, plan, base, attrs, params):
+        """A Conv with `plan.groups` groups over `x` holding `params` (weight, bias)."""
+        inputs = [x, *params]
         out = self._var(f"{base}_out")
         graph.nodes.append(
             gs.Node("Conv", self._unique(base), dict(attrs, group=plan.groups), inputs, [out])
@@ -293,20 +321,24 @@ class _OnnxRewrite:
             x = out
         return x
 
-    def _replace(self, graph, conv, plan: SitePlan, dtype, chain) -> None:
+    def _replace(self, graph, conv, plan: SitePlan, dtype, chain, weights: dict) -> None:
+        """Put K, interleave, L and the sum in place of `conv` (and its pulled `chain`);
+        `weights` holds K's and L's parameters, made here when empty (first use)."""
         base = conv.name or plan.name
         x, final = conv.inputs[0], (chain[-1] if chain else conv).outputs[0]
         attrs = {k: v for k, v in conv.attrs.items() if k != "group"}
-        use_bias = len(conv.inputs) > 2
-        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", dtype, attrs, use_bias, plan.cin)
+        if not weights:
+            rank, use_bias = constant_value(conv.inputs[1]).ndim - 2, len(conv.inputs) > 2
+            weights["K"] = self._fresh(plan, f"{base}_K", dtype, rank, plan.cin, use_bias)
+            if plan.has_l:
+                weights["L"] = self._fresh(plan, f"{base}_L", dtype, rank, plan.filters, use_bias)
+        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, weights["K"])
         k_out = self._branch(graph, k_out, chain, f"{base}_K", fresh=False)
         mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
         result = mixed
         if plan.has_l:
             l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
-            l_out = self._grouped_conv(
-                graph, mixed, plan, f"{base}_L", dtype, l_attrs, use_bias, plan.filters
-            )
+            l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, weights["L"])
             l_out = self._branch(graph, l_out, chain, f"{base}_L", fresh=True)
             result = self._var(f"{base}_sum_out")
             graph.nodes.append(
