@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 import graphopt
 from fixtures import keras_models
+from graphopt.backends.onnx_io import count_params
 from graphopt.backends.onnx_verify import session
 
 
@@ -21,11 +22,24 @@ def _b0(size=64):
     return keras.applications.EfficientNetB0(weights=None, classes=10, input_shape=(size, size, 3))
 
 
+def _trained_like(model):
+    """Every weight nonzero, as after training: tf2onnx drops a bias or BN shift that is all
+    zeros, which a freshly initialised model is full of."""
+    rng = np.random.default_rng(0)
+    for layer in model._flatten_layers():
+        weights = layer.get_weights()
+        if weights and not isinstance(layer, keras.Model):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) for w in weights])
+    return model
+
+
 @pytest.mark.parametrize(
     "make",
     [
         keras_models.residual,
         keras_models.conv_bn_act,
+        keras_models.sequential,
+        keras_models.nested,
         pytest.param(_b0, marks=pytest.mark.slow, id="b0"),
     ],
 )
@@ -68,3 +82,37 @@ def test_rewritten_keras_model_exports_grouped_convs_that_match_keras(make):
     sess = session(proto)
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
     np.testing.assert_allclose(got, keras.ops.convert_to_numpy(new(x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [keras_models.sequential, keras_models.nested])
+def test_export_of_rewritten_model_has_the_keras_report_count(make):
+    """Without BatchNormalization every Keras weight is an ONNX weight: the counts are equal
+    (a shared layer stays one set of weights on both sides)."""
+    new, report = graphopt.rewrite(make())
+    assert count_params(graphopt.export_onnx(_trained_like(new))) == report.totals.params_after
+
+
+@pytest.mark.parametrize(
+    "make", [keras_models.conv_bn_act, pytest.param(_b0, marks=pytest.mark.slow, id="b0")]
+)
+def test_with_batchnorm_both_routes_give_the_same_count(make):
+    """Rewriting in Keras and then exporting holds exactly as many weights as exporting and
+    then rewriting the ONNX model (B0: 625,853 either way)."""
+    model = _trained_like(make())
+    new, _ = graphopt.rewrite(model)
+    _, onnx_report = graphopt.rewrite(graphopt.export_onnx(model))
+    assert count_params(graphopt.export_onnx(_trained_like(new))) == onnx_report.totals.params_after
+
+
+def test_batchnorm_folded_by_tf2onnx_is_the_whole_difference_to_keras():
+    """tf2onnx folds each BatchNormalization (4C weights: scale, shift, mean, variance) into
+    the bias-free conv before it (C bias): 3C fewer per BN than Keras counts, nothing else."""
+    new, report = graphopt.rewrite(keras_models.conv_bn_act())
+    bn_channels = sum(
+        layer.get_weights()[0].size
+        for layer in new.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert bn_channels == 2 * 32  # the site's BN in K's branch and its new BN' in L's
+    exported = count_params(graphopt.export_onnx(_trained_like(new)))
+    assert report.totals.params_after - exported == 3 * bn_channels

@@ -36,6 +36,12 @@ def export_onnx(model, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         raise GraphoptError(
             "exporting to ONNX needs tf2onnx: pip install 'pwgroup[export]'"
         ) from exc
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        # tf2onnx cannot name a Keras 3 Sequential's outputs (KeyError on 'keras_tensor_N');
+        # the functional model over the same layers converts.
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
     signature = [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
     with _grouped_conv_tracing():
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
