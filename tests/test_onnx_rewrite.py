@@ -151,7 +151,9 @@ def test_a_conv_used_twice_stays_one_layer_with_one_set_of_new_weights():
         ("head_p3_L_W", "head_p3_L_B"),
     }
     delta = report.totals.params_after - report.totals.params_before
-    assert delta == plan.params_after - plan.params_before == 32 * 64 // 2 + 32 * 32 // 2 - 64 * 32
+    assert plan.groups == 4  # 64 // 16
+    before, after = 64 * 32 + 32, (64 * 32 // 4 + 32) + (32 * 32 // 4 + 32)
+    assert delta == plan.params_after - plan.params_before == after - before
     w = _inits(new)
     rng = np.random.default_rng(1)
     feed = {"p3": rng.standard_normal((1, 64, 8, 8)), "p4": rng.standard_normal((1, 64, 4, 4))}
