@@ -70,10 +70,15 @@ def session(
     model: onnx.ModelProto,
     provider: str = "CPUExecutionProvider",
     purpose: str = "to run an ONNX model",
+    spinning: bool = True,
 ):
+    """An onnxruntime session; `spinning=False` keeps idle worker threads from busy-waiting,
+    so that two sessions timed in turn do not slow each other down."""
     ort = runtime.onnxruntime(purpose)
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
     if provider in available and provider != "CPUExecutionProvider":
