@@ -68,11 +68,19 @@ def _parser() -> argparse.ArgumentParser:
             metavar="N",
             help="leave the last N sites (nearest the output) as they are",
         )
-        p.add_argument(
+        slower = p.add_mutually_exclusive_group()
+        slower.add_argument(
             "--skip-slower",
             action="store_true",
             help="ONNX: time each site in onnxruntime and leave those that would run slower "
             "than the dense conv",
+        )
+        slower.add_argument(
+            "--fold-slower",
+            action="store_true",
+            help="ONNX: time each site in onnxruntime; one that would run slower keeps its "
+            "grouped weights but runs as one dense conv onnxruntime folds from them at load "
+            "(left as it is when its branches are not linear)",
         )
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -229,6 +237,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             exclude=args.exclude,
             keep_last=args.keep_last,
             skip_slower=args.skip_slower,
+            fold_slower=args.fold_slower,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify
@@ -263,14 +272,17 @@ def _check_runtime(graphopt, args, sources: list[str]) -> None:
     """Before any work: onnxruntime must be there when an ONNX model will be checked or timed
     (MissingRuntimeError otherwise); warn when both onnxruntime builds are installed, and when
     the provider asked for is not available."""
-    needs_runtime = not getattr(args, "no_verify", True) or getattr(args, "skip_slower", False)
-    if not needs_runtime or not any(graphopt.model_kind(s) == "onnx" for s in sources):
+    timing = next(
+        (f"--{w}-slower" for w in ("skip", "fold") if getattr(args, f"{w}_slower", False)), None
+    )
+    checking = not getattr(args, "no_verify", True)
+    if not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
         return
     from graphopt import runtime
 
     ort = runtime.onnxruntime(
-        "to time sites for --skip-slower"
-        if args.skip_slower and args.no_verify
+        f"to time sites for {timing}"
+        if timing and not checking
         else "to check rewritten ONNX models (--no-verify skips the check)"
     )
     warning = runtime.conflict()

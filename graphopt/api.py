@@ -33,12 +33,17 @@ def rewrite(
     exclude: tuple[str, ...] = (),
     keep_last: int = 0,
     skip_slower: bool = False,
+    fold_slower: bool = False,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
     `include`/`exclude` are globs on site names; `keep_last` leaves the last N sites as they
-    are; `skip_slower` (ONNX) leaves a site whose replacement runs slower in onnxruntime than
-    the dense conv. Every site left alone is listed in `report.skipped` with the reason.
+    are. ONNX only, both time each site in onnxruntime against its dense conv: `skip_slower`
+    leaves a site whose replacement runs slower as it was; `fold_slower` keeps such a site's
+    grouped weights but has it run as one dense conv that onnxruntime computes from them at
+    load (the parameter cut stays, the speed is the original's), or leaves it as it was when
+    its branches are not linear. Every site left alone is listed in `report.skipped` with the
+    reason; a folded one has `runs_folded`.
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -46,21 +51,25 @@ def rewrite(
         raise UsageError("min_channels_per_group must be a positive integer")
     if not isinstance(keep_last, int) or keep_last < 0:
         raise UsageError("keep_last must be a non-negative integer")
+    if skip_slower and fold_slower:
+        raise UsageError("choose one of skip_slower and fold_slower")
     if _is_keras(model):
-        if skip_slower:
-            raise UsageError("skip_slower times sites in onnxruntime: it applies to ONNX models")
-        backend = _rewrite_keras
+        if skip_slower or fold_slower:
+            flag = "skip_slower" if skip_slower else "fold_slower"
+            raise UsageError(f"{flag} times sites in onnxruntime: it applies to ONNX models")
+        backend = planner = _rewrite_keras
     elif _is_onnx(model):
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
-        backend = functools.partial(rewrite_onnx, skip_slower=skip_slower)
+        backend = functools.partial(rewrite_onnx, skip_slower=skip_slower, fold_slower=fold_slower)
+        planner = rewrite_onnx  # the sites and their order, without timing them
     else:
         raise UsageError(
             f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"
         )
     selection = Selection(tuple(include), tuple(exclude))
     if keep_last:
-        _, first = backend(model, mode, min_channels_per_group, seed, name, selection)
+        _, first = planner(model, mode, min_channels_per_group, seed, name, selection)
         kept = frozenset(s.name for s in first.sites[-keep_last:])
         selection = Selection(tuple(include), tuple(exclude), keep_last, kept)
     return backend(model, mode, min_channels_per_group, seed, name, selection)

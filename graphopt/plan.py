@@ -46,6 +46,9 @@ class SitePlan:
     l_norm_params: int = 0
     """Parameters of the normalisation added for L in paper mode (0 when none)."""
     l_norm_trainable: int = 0
+    runs_folded: bool = False
+    """ONNX, --fold-slower: the model holds K and L, but the site runs as one dense conv that
+    onnxruntime computes from them when it loads the model (its MACs are the original's)."""
 
     @property
     def interleave_step(self) -> int:
@@ -87,8 +90,8 @@ class SitePlan:
 
     @property
     def macs_after(self) -> int | None:
-        if self.positions is None:
-            return None
+        if self.positions is None or self.runs_folded:
+            return self.macs_before
         per_position = self.cin * self.filters // self.groups
         if self.has_l:
             per_position += self.filters * self.filters // self.groups

@@ -165,8 +165,11 @@ def _site_row(s: SitePlan) -> tuple:
         human(s.params_before),
         human(s.params_after),
         human(s.macs_before),
-        human(s.macs_after),
+        human(s.macs_after) + ("*" if s.runs_folded else ""),
     )
+
+
+FOLDED_NOTE = "{n} folded: the file holds K and L; onnxruntime runs them as one dense conv"
 
 
 def _paint(text: str, code: str, color: bool) -> str:
@@ -188,6 +191,9 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
         lines.append(shorten(s.name, name_width).ljust(name_width) + " " + cells)
     if not report.sites:
         lines.append("(no pointwise convolution could be grouped)")
+    folded = sum(s.runs_folded for s in report.sites)
+    if folded:
+        lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
@@ -240,8 +246,11 @@ def render_markdown(report: Report) -> str:
         lines.append(
             f"| `{s.name}` | {s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
             f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,} | "
-            f"{human(s.macs_before)} | {human(s.macs_after)} |"
+            f"{human(s.macs_before)} | {human(s.macs_after)}{'*' if s.runs_folded else ''} |"
         )
+    folded = sum(s.runs_folded for s in report.sites)
+    if folded:
+        lines += ["", "\\* " + FOLDED_NOTE.format(n=folded)]
     if report.skipped:
         lines += ["", "| skipped | reason |", "|---|---|"]
         lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]

@@ -245,7 +245,7 @@ def test_skip_slower_times_sites_and_lists_the_slow_ones():
     slow = [s for s in report.skipped if "slower than the dense conv" in s.reason]
     assert len(report.sites) + len(slow) == len(full.sites) == 1
     for s in slow:
-        assert float(s.reason.split("(")[1].split("x")[0]) > 1.0
+        assert float(s.reason.split("x slower")[0]) > 1.0
     # dynamic spatial dims: nothing to time, every site is rewritten
     _, dynamic = graphopt.rewrite(onnx_models.pytorch_style(), skip_slower=True)
     assert len(dynamic.sites) == 3

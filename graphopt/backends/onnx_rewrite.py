@@ -3,6 +3,7 @@ interleave, L and the residual sum, then let graphsurgeon clean up and sort the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -39,11 +40,17 @@ def rewrite_onnx(
     name: str | None,
     selection: Selection = EVERY_SITE,
     skip_slower: bool = False,
+    fold_slower: bool = False,
+    fold=frozenset(),
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
 
-    With `skip_slower`, each site is first timed alone in onnxruntime against its dense
-    original, and a site that would run slower is left as it is (and listed in `skipped`).
+    With `skip_slower` or `fold_slower`, each site is first timed in onnxruntime against its
+    dense original (onnx_timing). A site that would run slower is left as it is with
+    `skip_slower` (and listed in `skipped`); with `fold_slower` it keeps its grouped weights
+    but runs folded into one dense conv (`_replace_folded`) when it is linear, and is left as
+    it is when it is not. `fold` names sites (labels, or a predicate on the plan) to fold
+    without timing them.
     """
     job = _OnnxRewrite(
         mode,
@@ -51,7 +58,8 @@ def rewrite_onnx(
         np.random.default_rng(seed),
         _known_shapes(model),
         selection,
-        skip_slower,
+        "fold" if fold_slower else "skip" if skip_slower else None,
+        fold,
     )
     graph = gs.import_onnx(model)
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -130,7 +138,10 @@ class _OnnxRewrite:
     rng: np.random.Generator
     shapes: dict
     selection: Selection = EVERY_SITE
-    skip_slower: bool = False
+    when_slower: str | None = None
+    """None (no timing), "skip" or "fold": what to do with a site slower than its original."""
+    fold: object = frozenset()
+    """Labels of the sites to fold (or a callable plan -> bool): see `_replace_folded`."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
@@ -202,18 +213,19 @@ class _OnnxRewrite:
         if isinstance(plan, Skipped):
             self.skipped.append(plan)
             return
-        if self.skip_slower:
-            ratio = _timed(plan)
+        fold = self.fold(plan) if callable(self.fold) else label in self.fold
+        if self.when_slower and not fold:
+            ratio = _timed(plan, f"to time sites for --{self.when_slower}-slower")
             if ratio is not None and ratio > 1.0:
-                self.skipped.append(
-                    Skipped(
-                        label,
-                        f"slower than the dense conv in onnxruntime ({ratio:.2f}x, --skip-slower)",
-                        cin,
-                        filters,
-                    )
-                )
-                return
+                slower = f"{ratio:.2f}x slower than the dense conv in onnxruntime"
+                if self.when_slower == "skip" or not foldable(plan, chain):
+                    why = "" if self.when_slower == "skip" else ", not linear so not foldable"
+                    reason = f"{slower}{why} (--{self.when_slower}-slower)"
+                    self.skipped.append(Skipped(label, reason, cin, filters))
+                    return
+                fold = True
+        if fold and foldable(plan, chain):
+            plan = dataclasses.replace(plan, runs_folded=True)
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         weights: dict[str, list] = {}
@@ -321,29 +333,117 @@ class _OnnxRewrite:
             x = out
         return x
 
+    def _site_graph(self, graph, x, plan, base, attrs, weights, k_chain, l_chain, biased=True):
+        """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output."""
+        keep = (lambda params: params) if biased else (lambda params: params[:1])
+        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, keep(weights["K"]))
+        k_out = self._branch(graph, k_out, k_chain, f"{base}_K", fresh=False)
+        mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
+        if not plan.has_l:
+            return mixed
+        l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
+        l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, keep(weights["L"]))
+        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=True)
+        result = self._var(f"{base}_sum_out")
+        graph.nodes.append(
+            gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
+        )
+        return result
+
+    def _replace_folded(self, graph, x, plan, base, attrs, rank, weights, chain):
+        """The same site, with its linear part computed on the weights instead of on `x`:
+        K, interleave, L and the sum applied to an identity give the dense kernel
+        `(I + L P) K` (and to zeros, the bias), which one ordinary Conv then applies. The
+        model still holds only K's and L's weights; every node that builds the kernel reads
+        constants only, so onnxruntime folds them once when it loads the model and runs the
+        site as fast as the original dense conv, without the extra nodes and layout changes
+        that make some grouped sites slower than their original. Needs a linear site: no L
+        and only an elementwise activation after K (which commutes with the interleave), or
+        nothing pulled at all."""
+        dtype = constant_value(weights["K"][0]).dtype
+        cin, filters, ones = plan.cin, plan.filters, [1] * rank
+        kernel_attrs = {"kernel_shape": ones}
+        eye = self._var(f"{base}_eye")
+        square = self._const(f"{base}_eye_shape", np.asarray([cin, cin], np.int64))
+        zeros_2d, eye_2d = self._var(f"{base}_zeros_2d"), self._var(f"{base}_eye_2d")
+        zero = gs.Constant(self._unique(f"{base}_zero"), np.zeros(1, dtype))
+        graph.nodes += [
+            gs.Node(
+                "ConstantOfShape",
+                self._unique(f"{base}_zeros_2d"),
+                {"value": zero},
+                [square],
+                [zeros_2d],
+            ),
+            gs.Node("EyeLike", self._unique(f"{base}_eye_2d"), {}, [zeros_2d], [eye_2d]),
+            gs.Node(
+                "Reshape",
+                self._unique(f"{base}_eye"),
+                {},
+                [eye_2d, self._const(f"{base}_eye_nd", np.asarray([cin, cin, *ones], np.int64))],
+                [eye],
+            ),
+        ]
+        transposed = self._site_graph(
+            graph, eye, plan, f"{base}_fold", kernel_attrs, weights, [], [], biased=False
+        )
+        kernel = self._var(f"{base}_fold_W")
+        graph.nodes.append(
+            gs.Node(
+                "Transpose",
+                self._unique(f"{base}_fold_W"),
+                {"perm": [1, 0, *range(2, 2 + rank)]},
+                [transposed],
+                [kernel],
+            )
+        )
+        inputs = [x, kernel]
+        if len(weights["K"]) > 1:
+            origin, bias_nd, bias = (self._var(f"{base}_fold_{n}") for n in ("origin", "bnd", "B"))
+            graph.nodes.append(
+                gs.Node(
+                    "ConstantOfShape",
+                    self._unique(f"{base}_origin"),
+                    {"value": zero},
+                    [self._const(f"{base}_origin_shape", np.asarray([1, cin, *ones], np.int64))],
+                    [origin],
+                )
+            )
+            at_zero = self._site_graph(
+                graph, origin, plan, f"{base}_fold", kernel_attrs, weights, [], []
+            )
+            graph.nodes.append(
+                gs.Node(
+                    "Reshape",
+                    self._unique(f"{base}_fold_B"),
+                    {},
+                    [at_zero, self._const(f"{base}_bias_shape", np.asarray([filters], np.int64))],
+                    [bias],
+                )
+            )
+            inputs.append(bias)
+        out = self._var(f"{base}_folded_out")
+        graph.nodes.append(
+            gs.Node("Conv", self._unique(f"{base}_folded"), dict(attrs), inputs, [out])
+        )
+        return self._branch(graph, out, chain, f"{base}_K", fresh=False)
+
     def _replace(self, graph, conv, plan: SitePlan, dtype, chain, weights: dict) -> None:
         """Put K, interleave, L and the sum in place of `conv` (and its pulled `chain`);
         `weights` holds K's and L's parameters, made here when empty (first use)."""
         base = conv.name or plan.name
         x, final = conv.inputs[0], (chain[-1] if chain else conv).outputs[0]
         attrs = {k: v for k, v in conv.attrs.items() if k != "group"}
+        rank = constant_value(conv.inputs[1]).ndim - 2
         if not weights:
-            rank, use_bias = constant_value(conv.inputs[1]).ndim - 2, len(conv.inputs) > 2
+            use_bias = len(conv.inputs) > 2
             weights["K"] = self._fresh(plan, f"{base}_K", dtype, rank, plan.cin, use_bias)
             if plan.has_l:
                 weights["L"] = self._fresh(plan, f"{base}_L", dtype, rank, plan.filters, use_bias)
-        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, weights["K"])
-        k_out = self._branch(graph, k_out, chain, f"{base}_K", fresh=False)
-        mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
-        result = mixed
-        if plan.has_l:
-            l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
-            l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, weights["L"])
-            l_out = self._branch(graph, l_out, chain, f"{base}_L", fresh=True)
-            result = self._var(f"{base}_sum_out")
-            graph.nodes.append(
-                gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
-            )
+        if plan.runs_folded and foldable(plan, chain):
+            result = self._replace_folded(graph, x, plan, base, attrs, rank, weights, chain)
+        else:
+            result = self._site_graph(graph, x, plan, base, attrs, weights, chain, chain)
         # Hand the original output tensor to the last new node, so consumers and graph outputs
         # keep their names, then take out the old nodes and what only they used.
         producer = result.inputs[0]
@@ -352,6 +452,15 @@ class _OnnxRewrite:
         producer.outputs.clear()
         producer.outputs.append(final)
         _remove(graph, [conv, *chain])
+
+
+def foldable(plan: SitePlan, chain) -> bool:
+    """Whether a site is linear up to an elementwise activation after K (see
+    `_replace_folded`): a pulled BatchNormalization, or anything pulled into L's branch, is
+    not."""
+    if any(node.op == "BatchNormalization" for node in chain):
+        return False
+    return not (plan.has_l and chain)
 
 
 def _remove(graph, nodes) -> None:
@@ -377,14 +486,14 @@ def _remove(graph, nodes) -> None:
     graph.nodes = [n for n in graph.nodes if id(n) not in gone]
 
 
-def _timed(plan: SitePlan) -> float | None:
+def _timed(plan: SitePlan, purpose: str) -> float | None:
     """Speed of this site's replacement (linear mode, same groups) against the dense conv."""
     from graphopt.backends.onnx_timing import speed_ratio
 
     def rewrite_alone(dense):
         return rewrite_onnx(dense, "linear", plan.cin // plan.groups, 0, None)[0]
 
-    return speed_ratio(plan, rewrite_alone)
+    return speed_ratio(plan, rewrite_alone, purpose=purpose)
 
 
 def _looks_pointwise(node) -> bool:
