@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
             default="paper",
             help="paper: BN/activation in both branches (default); linear: only the conv",
         )
+        p.add_argument(
+            "--init",
+            choices=("scratch", "fit"),
+            default="scratch",
+            help="scratch: fresh K and L, as the paper (default); fit (linear mode): K and L "
+            "fitted to the original kernel, so a trained model stays close before retraining",
+        )
         p.add_argument("--min-channels-per-group", type=_positive, default=16, metavar="N")
         p.add_argument(
             "--include",
@@ -238,6 +245,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             keep_last=args.keep_last,
             skip_slower=args.skip_slower,
             fold_slower=args.fold_slower,
+            init=args.init,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify

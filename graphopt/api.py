@@ -7,7 +7,7 @@ import math
 import os
 
 from graphopt.errors import InputError, OutputError, UsageError
-from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, MODES, Selection
+from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, FIT, INITS, LINEAR, MODES, Selection
 from graphopt.report import Report, Totals
 
 
@@ -34,6 +34,7 @@ def rewrite(
     keep_last: int = 0,
     skip_slower: bool = False,
     fold_slower: bool = False,
+    init: str = "scratch",
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -43,7 +44,9 @@ def rewrite(
     grouped weights but has it run as one dense conv that onnxruntime computes from them at
     load (the parameter cut stays, the speed is the original's), or leaves it as it was when
     its branches are not linear. Every site left alone is listed in `report.skipped` with the
-    reason; a folded one has `runs_folded`.
+    reason; a folded one has `runs_folded`. `init` is "scratch" (fresh weights, the paper) or
+    "fit" (linear mode: K and L fitted to the original kernel, relative error per site in
+    `fit_error`).
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -51,17 +54,26 @@ def rewrite(
         raise UsageError("min_channels_per_group must be a positive integer")
     if not isinstance(keep_last, int) or keep_last < 0:
         raise UsageError("keep_last must be a non-negative integer")
+    if init not in INITS:
+        raise UsageError(f"init must be one of {', '.join(INITS)}, not '{init}'")
+    if init == FIT and mode != LINEAR:
+        raise UsageError(
+            "init 'fit' needs linear mode: in paper mode BN and activation sit inside the branches"
+        )
     if skip_slower and fold_slower:
         raise UsageError("choose one of skip_slower and fold_slower")
     if _is_keras(model):
         if skip_slower or fold_slower:
             flag = "skip_slower" if skip_slower else "fold_slower"
             raise UsageError(f"{flag} times sites in onnxruntime: it applies to ONNX models")
-        backend = planner = _rewrite_keras
+        backend = functools.partial(_rewrite_keras, init=init)
+        planner = _rewrite_keras
     elif _is_onnx(model):
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
-        backend = functools.partial(rewrite_onnx, skip_slower=skip_slower, fold_slower=fold_slower)
+        backend = functools.partial(
+            rewrite_onnx, skip_slower=skip_slower, fold_slower=fold_slower, init=init
+        )
         planner = rewrite_onnx  # the sites and their order, without timing them
     else:
         raise UsageError(
@@ -81,10 +93,10 @@ def keras_counts(model) -> tuple[int, int]:
     return int(model.count_params()), int(trainable)
 
 
-def _rewrite_keras(model, mode, min_channels_per_group, seed, name, selection):
+def _rewrite_keras(model, mode, min_channels_per_group, seed, name, selection, init="scratch"):
     from graphopt.backends.keras_rewrite import KerasRewrite
 
-    job = KerasRewrite(mode, min_channels_per_group, seed, selection)
+    job = KerasRewrite(mode, min_channels_per_group, seed, selection, init)
     new_model = job.model(model)
     before, after = keras_counts(model), keras_counts(new_model)
     totals = Totals(before[0], after[0], before[1], after[1])

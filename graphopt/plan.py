@@ -13,6 +13,9 @@ from fnmatch import fnmatchcase
 PAPER = "paper"
 LINEAR = "linear"
 MODES = (PAPER, LINEAR)
+SCRATCH = "scratch"
+FIT = "fit"
+INITS = (SCRATCH, FIT)
 DEFAULT_MIN_CHANNELS_PER_GROUP = 16
 
 
@@ -47,6 +50,8 @@ class SitePlan:
     """Parameters of the normalisation added for L in paper mode (0 when none)."""
     l_norm_trainable: int = 0
     runs_folded: bool = False
+    fit_error: float | None = None
+    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
     """ONNX, --fold-slower: the model holds K and L, but the site runs as one dense conv that
     onnxruntime computes from them when it loads the model (its MACs are the original's)."""
 

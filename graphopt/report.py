@@ -172,6 +172,18 @@ def _site_row(s: SitePlan) -> tuple:
 FOLDED_NOTE = "{n} folded: the file holds K and L; onnxruntime runs them as one dense conv"
 
 
+def fit_summary(report: Report) -> str:
+    """One line on the --init fit errors ("" without a fit)."""
+    errors = sorted((s.fit_error, s.name) for s in report.sites if s.fit_error is not None)
+    if not errors:
+        return ""
+    median = errors[len(errors) // 2][0]
+    return (
+        f"fit: relative kernel error {errors[0][0]:.3f} to {errors[-1][0]:.3f}, "
+        f"median {median:.3f} (worst: {errors[-1][1]})"
+    )
+
+
 def _paint(text: str, code: str, color: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if color else text
 
@@ -194,6 +206,8 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
+    if fit_summary(report):
+        lines.append(shorten_end(fit_summary(report), width))
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
@@ -251,6 +265,8 @@ def render_markdown(report: Report) -> str:
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines += ["", "\\* " + FOLDED_NOTE.format(n=folded)]
+    if fit_summary(report):
+        lines += ["", fit_summary(report)]
     if report.skipped:
         lines += ["", "| skipped | reason |", "|---|---|"]
         lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]

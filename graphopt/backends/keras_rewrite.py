@@ -6,6 +6,7 @@ every layer with its weights, so the input model is left untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from graphopt.backends.keras_layers import ChannelInterleave, GroupedPointwiseConv
 from graphopt.errors import UnsupportedModelError
-from graphopt.plan import EVERY_SITE, PAPER, Selection, SitePlan, Skipped, plan_site
+from graphopt.fit import Fitted, fit_site
+from graphopt.plan import EVERY_SITE, FIT, PAPER, SCRATCH, Selection, SitePlan, Skipped, plan_site
 
 _SITE_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 _STATELESS_ACTIVATIONS = (
@@ -41,6 +43,8 @@ class _Site:
     chain: list = field(default_factory=list)
     """The nodes (calls) of the pulled BatchNormalization/activation, in order."""
     replacement: dict = field(default_factory=dict)
+    fitted: Fitted | None = None
+    """--init fit: K and L fitted to the original kernel, put in once the layers are built."""
 
 
 @dataclass
@@ -51,6 +55,7 @@ class KerasRewrite:
     min_channels_per_group: int
     seed: int = 0
     selection: Selection = EVERY_SITE
+    init: str = SCRATCH
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -160,8 +165,14 @@ class KerasRewrite:
             if isinstance(plan, Skipped):
                 self.skipped.append(plan)
                 continue
+            fitted = None
+            if self.init == FIT:
+                kernel = keras.ops.convert_to_numpy(layer.kernel).reshape(cin, filters).T
+                bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+                fitted = fit_site(kernel, plan, bias)
+                plan = dataclasses.replace(plan, fit_error=fitted.error)
             self.sites.append(plan)
-            sites[id(layer)] = _Site(plan, layer, chain)
+            sites[id(layer)] = _Site(plan, layer, chain, fitted=fitted)
             absorbed.update(id(node.operation) for node in chain)
         return sites, absorbed
 
@@ -184,6 +195,9 @@ class KerasRewrite:
             out = layers["sum"]([k_out, l_out])
         if "act" in layers:
             out = layers["act"](out)
+        if site.fitted is not None:  # the layers are built now
+            _put_fitted(layers, site.fitted)
+            site.fitted = None  # once, also for a layer called twice
         return out
 
     def _make_layers(self, site: _Site) -> dict:
@@ -342,6 +356,18 @@ def _why_not(layer) -> str:
     if getattr(layer, "groups", 1) != 1:
         return f"already grouped ({layer.groups} groups)"
     return f"{type(layer).__name__} is not a stock Conv1D/2D/3D"
+
+
+def _put_fitted(layers: dict, fitted: Fitted) -> None:
+    """Give K and L the fitted weights (grouped kernels are stored as (1..., Cin/N, F))."""
+    for key, kernel, bias in (("k", fitted.kw, fitted.k_bias), ("l", fitted.lw, fitted.l_bias)):
+        if key not in layers:
+            continue
+        layer = layers[key]
+        weights = [kernel.T.reshape(tuple(layer.kernel.shape))]
+        if layer.use_bias:
+            weights.append(bias)
+        layer.set_weights(weights)
 
 
 def _clone_with_weights(node):

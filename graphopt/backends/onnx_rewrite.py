@@ -12,9 +12,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.backends.onnx_io import count_params, iter_graphs
+from graphopt.fit import fit_site
 from graphopt.plan import (
     EVERY_SITE,
+    FIT,
     PAPER,
+    SCRATCH,
     Selection,
     SitePlan,
     Skipped,
@@ -42,6 +45,7 @@ def rewrite_onnx(
     skip_slower: bool = False,
     fold_slower: bool = False,
     fold=frozenset(),
+    init: str = SCRATCH,
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
 
@@ -60,6 +64,7 @@ def rewrite_onnx(
         selection,
         "fold" if fold_slower else "skip" if skip_slower else None,
         fold,
+        init,
     )
     graph = gs.import_onnx(model)
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -142,6 +147,8 @@ class _OnnxRewrite:
     """None (no timing), "skip" or "fold": what to do with a site slower than its original."""
     fold: object = frozenset()
     """Labels of the sites to fold (or a callable plan -> bool): see `_replace_folded`."""
+    init: str = SCRATCH
+    """"scratch" (Glorot-uniform K and L, zero biases) or "fit" (fitted to the original)."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
@@ -226,11 +233,29 @@ class _OnnxRewrite:
                 fold = True
         if fold and foldable(plan, chain):
             plan = dataclasses.replace(plan, runs_folded=True)
+        weights: dict[str, list] = {}
+        if self.init == FIT:
+            plan = self._fit(conv.name or label, plan, weight, bias, weights)
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
-        weights: dict[str, list] = {}
         self._shared[key] = (plan, weights)
         self._replace(graph, conv, plan, weight.dtype, chain, weights)
+
+    def _fit(self, base, plan, weight, bias, weights: dict) -> SitePlan:
+        """K and L fitted to the conv's kernel (and giving its bias), put in `weights`."""
+        fitted = fit_site(weight.reshape(plan.filters, plan.cin), plan, bias)
+        rank = weight.ndim - 2
+        weights["K"] = self._given(f"{base}_K", fitted.kw, fitted.k_bias, rank)
+        if plan.has_l:
+            weights["L"] = self._given(f"{base}_L", fitted.lw, fitted.l_bias, rank)
+        return dataclasses.replace(plan, fit_error=fitted.error)
+
+    def _given(self, base, kernel, bias, rank) -> list[gs.Constant]:
+        """A grouped conv's weights from arrays (F x in/groups kernel, optional bias)."""
+        params = [self._const(f"{base}_W", kernel.reshape(kernel.shape + (1,) * rank))]
+        if bias is not None:
+            params.append(self._const(f"{base}_B", bias))
+        return params
 
     def _positions(self, tensor_name: str) -> int | None:
         shape = self.shapes.get(tensor_name)
