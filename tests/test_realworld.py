@@ -91,3 +91,25 @@ def test_real_model_rewrites_verifies_and_counts(models, name, mode, tmp_path):
         assert report.sites == [] and new.SerializeToString() == model.SerializeToString()
     with open(path, "rb") as f:
         assert f.read() == original_bytes
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"fold_slower": True}, {"mode": "linear", "init": "fit"}],
+    ids=["fold-slower", "fit"],
+)
+def test_trained_ocr_model_with_fold_slower_and_fit(models, options):
+    """A trained model (PaddleOCR's direction classifier, real weights): folded sites and
+    fitted sites still verify, and the counts still match the file."""
+    model = load_onnx(os.path.join(models, "ch_ppocr_mobile_v2.0_cls_infer.onnx"))
+    new, report = graphopt.rewrite(model, **options)
+    verify(model, new)
+    assert report.sites and report.totals.params_after == count_params(new)
+    if "init" in options:  # real weights have structure the fit finds, unlike random ones
+        errors = [s.fit_error for s in report.sites]
+        assert all(0 <= e < 1 for e in errors) and min(errors) < 0.5
+    else:
+        folded = [s for s in report.sites if s.runs_folded]
+        slow = [s for s in report.skipped if "slower" in s.reason]
+        assert all(s.macs_after == s.macs_before for s in folded)
+        assert all("not foldable" in s.reason for s in slow)

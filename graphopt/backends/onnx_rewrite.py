@@ -386,31 +386,12 @@ class _OnnxRewrite:
         and only an elementwise activation after K (which commutes with the interleave), or
         nothing pulled at all."""
         dtype = constant_value(weights["K"][0]).dtype
-        cin, filters, ones = plan.cin, plan.filters, [1] * rank
-        kernel_attrs = {"kernel_shape": ones}
-        eye = self._var(f"{base}_eye")
-        square = self._const(f"{base}_eye_shape", np.asarray([cin, cin], np.int64))
-        zeros_2d, eye_2d = self._var(f"{base}_zeros_2d"), self._var(f"{base}_eye_2d")
-        zero = gs.Constant(self._unique(f"{base}_zero"), np.zeros(1, dtype))
-        graph.nodes += [
-            gs.Node(
-                "ConstantOfShape",
-                self._unique(f"{base}_zeros_2d"),
-                {"value": zero},
-                [square],
-                [zeros_2d],
-            ),
-            gs.Node("EyeLike", self._unique(f"{base}_eye_2d"), {}, [zeros_2d], [eye_2d]),
-            gs.Node(
-                "Reshape",
-                self._unique(f"{base}_eye"),
-                {},
-                [eye_2d, self._const(f"{base}_eye_nd", np.asarray([cin, cin, *ones], np.int64))],
-                [eye],
-            ),
-        ]
+        ones = [1] * rank
+        on_weights = {"kernel_shape": ones}
+        eye = self._filled(graph, f"{base}_eye", [plan.cin, plan.cin], dtype, identity=True)
+        eye = self._reshaped(graph, eye, [plan.cin, plan.cin, *ones], f"{base}_eye_nd")
         transposed = self._site_graph(
-            graph, eye, plan, f"{base}_fold", kernel_attrs, weights, [], [], biased=False
+            graph, eye, plan, f"{base}_fold", on_weights, weights, [], [], biased=False
         )
         kernel = self._var(f"{base}_fold_W")
         graph.nodes.append(
@@ -423,35 +404,37 @@ class _OnnxRewrite:
             )
         )
         inputs = [x, kernel]
-        if len(weights["K"]) > 1:
-            origin, bias_nd, bias = (self._var(f"{base}_fold_{n}") for n in ("origin", "bnd", "B"))
-            graph.nodes.append(
-                gs.Node(
-                    "ConstantOfShape",
-                    self._unique(f"{base}_origin"),
-                    {"value": zero},
-                    [self._const(f"{base}_origin_shape", np.asarray([1, cin, *ones], np.int64))],
-                    [origin],
-                )
-            )
+        if len(weights["K"]) > 1:  # the bias: the site applied to zeros
+            origin = self._filled(graph, f"{base}_origin", [1, plan.cin, *ones], dtype)
             at_zero = self._site_graph(
-                graph, origin, plan, f"{base}_fold", kernel_attrs, weights, [], []
+                graph, origin, plan, f"{base}_fold", on_weights, weights, [], []
             )
-            graph.nodes.append(
-                gs.Node(
-                    "Reshape",
-                    self._unique(f"{base}_fold_B"),
-                    {},
-                    [at_zero, self._const(f"{base}_bias_shape", np.asarray([filters], np.int64))],
-                    [bias],
-                )
-            )
-            inputs.append(bias)
+            inputs.append(self._reshaped(graph, at_zero, [plan.filters], f"{base}_fold_B"))
         out = self._var(f"{base}_folded_out")
         graph.nodes.append(
             gs.Node("Conv", self._unique(f"{base}_folded"), dict(attrs), inputs, [out])
         )
         return self._branch(graph, out, chain, f"{base}_K", fresh=False)
+
+    def _filled(self, graph, base, shape, dtype, identity=False) -> gs.Variable:
+        """Zeros of `shape` (or, 2D, an identity) made by nodes from a shape: nothing stored."""
+        zero = gs.Constant(self._unique(f"{base}_zero"), np.zeros(1, dtype))
+        size = self._const(f"{base}_shape", np.asarray(shape, np.int64))
+        out = self._var(f"{base}_zeros")
+        graph.nodes.append(
+            gs.Node("ConstantOfShape", self._unique(base), {"value": zero}, [size], [out])
+        )
+        if not identity:
+            return out
+        eye = self._var(base)
+        graph.nodes.append(gs.Node("EyeLike", self._unique(f"{base}_identity"), {}, [out], [eye]))
+        return eye
+
+    def _reshaped(self, graph, x, shape, base) -> gs.Variable:
+        out = self._var(base)
+        target = self._const(f"{base}_shape", np.asarray(shape, np.int64))
+        graph.nodes.append(gs.Node("Reshape", self._unique(base), {}, [x, target], [out]))
+        return out
 
     def _replace(self, graph, conv, plan: SitePlan, dtype, chain, weights: dict) -> None:
         """Put K, interleave, L and the sum in place of `conv` (and its pulled `chain`);
