@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--provider",
             default="CPUExecutionProvider",
-            help="ONNX: onnxruntime provider for the check (falls back to CPU)",
+            help="ONNX: onnxruntime provider for the check and the timing of sites "
+            "(falls back to CPU)",
         )
         p.add_argument("--quiet", action="store_true", help="print nothing on success")
         p.add_argument(
@@ -246,6 +247,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             skip_slower=args.skip_slower,
             fold_slower=args.fold_slower,
             init=args.init,
+            provider=args.provider,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify

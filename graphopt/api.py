@@ -35,6 +35,7 @@ def rewrite(
     skip_slower: bool = False,
     fold_slower: bool = False,
     init: str = "scratch",
+    provider: str = "CPUExecutionProvider",
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -46,7 +47,7 @@ def rewrite(
     its branches are not linear. Every site left alone is listed in `report.skipped` with the
     reason; a folded one has `runs_folded`. `init` is "scratch" (fresh weights, the paper) or
     "fit" (linear mode: K and L fitted to the original kernel, relative error per site in
-    `fit_error`).
+    `fit_error`). `provider` is the onnxruntime execution provider the sites are timed on.
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -72,7 +73,11 @@ def rewrite(
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
         backend = functools.partial(
-            rewrite_onnx, skip_slower=skip_slower, fold_slower=fold_slower, init=init
+            rewrite_onnx,
+            skip_slower=skip_slower,
+            fold_slower=fold_slower,
+            init=init,
+            provider=provider,
         )
         planner = rewrite_onnx  # the sites and their order, without timing them
     else:

@@ -105,7 +105,7 @@ def test_no_l_site_with_its_activation_folds_in_paper_mode():
 
 
 def test_fold_slower_folds_the_slow_linear_sites_and_leaves_the_others(monkeypatch):
-    monkeypatch.setattr(onnx_rewrite, "_timed", lambda plan, purpose: 1.5)
+    monkeypatch.setattr(onnx_rewrite, "_timed", lambda plan, purpose, provider: 1.5)
     linear = onnx_models.single_site(64, 32)
     new, report = graphopt.rewrite(linear, fold_slower=True)
     assert report.sites[0].runs_folded and not report.skipped
@@ -114,7 +114,7 @@ def test_fold_slower_folds_the_slow_linear_sites_and_leaves_the_others(monkeypat
     new, report = graphopt.rewrite(nonlinear, fold_slower=True)
     assert not report.sites
     assert "1.50x slower" in report.skipped[0].reason and "not foldable" in report.skipped[0].reason
-    monkeypatch.setattr(onnx_rewrite, "_timed", lambda plan, purpose: 0.5)
+    monkeypatch.setattr(onnx_rewrite, "_timed", lambda plan, purpose, provider: 0.5)
     _, report = graphopt.rewrite(linear, fold_slower=True)
     assert not report.sites[0].runs_folded
 

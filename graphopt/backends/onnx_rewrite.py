@@ -46,6 +46,7 @@ def rewrite_onnx(
     fold_slower: bool = False,
     fold=frozenset(),
     init: str = SCRATCH,
+    provider: str = "CPUExecutionProvider",
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
 
@@ -65,6 +66,7 @@ def rewrite_onnx(
         "fold" if fold_slower else "skip" if skip_slower else None,
         fold,
         init,
+        provider,
     )
     graph = gs.import_onnx(model)
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -149,6 +151,8 @@ class _OnnxRewrite:
     """Labels of the sites to fold (or a callable plan -> bool): see `_replace_folded`."""
     init: str = SCRATCH
     """"scratch" (Glorot-uniform K and L, zero biases) or "fit" (fitted to the original)."""
+    provider: str = "CPUExecutionProvider"
+    """The onnxruntime execution provider sites are timed on."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     _names: set = field(default_factory=set)
@@ -222,7 +226,7 @@ class _OnnxRewrite:
             return
         fold = self.fold(plan) if callable(self.fold) else label in self.fold
         if self.when_slower and not fold:
-            ratio = _timed(plan, f"to time sites for --{self.when_slower}-slower")
+            ratio = _timed(plan, f"to time sites for --{self.when_slower}-slower", self.provider)
             if ratio is not None and ratio > 1.0:
                 slower = f"{ratio:.2f}x slower than the dense conv in onnxruntime"
                 if self.when_slower == "skip" or not foldable(plan, chain):
@@ -494,14 +498,14 @@ def _remove(graph, nodes) -> None:
     graph.nodes = [n for n in graph.nodes if id(n) not in gone]
 
 
-def _timed(plan: SitePlan, purpose: str) -> float | None:
+def _timed(plan: SitePlan, purpose: str, provider: str) -> float | None:
     """Speed of this site's replacement (linear mode, same groups) against the dense conv."""
     from graphopt.backends.onnx_timing import speed_ratio
 
     def rewrite_alone(dense):
         return rewrite_onnx(dense, "linear", plan.cin // plan.groups, 0, None)[0]
 
-    return speed_ratio(plan, rewrite_alone, purpose=purpose)
+    return speed_ratio(plan, rewrite_alone, provider, purpose)
 
 
 def _looks_pointwise(node) -> bool:
