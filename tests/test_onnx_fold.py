@@ -15,7 +15,7 @@ import graphopt
 from fixtures import onnx_models
 from graphopt.backends import onnx_rewrite
 from graphopt.backends.onnx_io import count_params
-from graphopt.backends.onnx_verify import session, verify
+from graphopt.backends.onnx_verify import random_feed, session, verify
 from tests.conftest import run_pwgroup
 from tests.numpy_reference import linear_site
 
@@ -71,6 +71,22 @@ def test_folded_site_holds_the_grouped_weights_and_matches_numpy(rank, cin, filt
     (got,) = session(new).run(None, {"x": x})
     # outputs of order 10 here: float32 rounding of a different summation order is relative
     np.testing.assert_allclose(np.moveaxis(got, 1, -1), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(onnx_models.ALL))
+@pytest.mark.parametrize("mode", ["paper", "linear"])
+def test_folding_never_changes_what_the_model_computes(name, mode):
+    """Every fixture (strides, pads, 1D/3D, Constant weights, If branches, shared weights,
+    BN and SiLU): folding every foldable site gives the plain rewrite's outputs."""
+    model = onnx_models.ALL[name]()
+    plain, _ = _rewrite(model, mode=mode, fold=frozenset())
+    folded, report = _rewrite(model, mode=mode)
+    verify(model, folded)
+    assert count_params(folded) == count_params(plain)
+    ref = session(plain)
+    feed = random_feed(plain, ref)
+    for want, got in zip(ref.run(None, feed), session(folded).run(None, feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_onnxruntime_folds_the_site_into_one_conv_when_it_loads_it(tmp_path):
