@@ -20,7 +20,7 @@ import onnx
 from timing import median_time
 
 import graphopt
-from graphopt.backends import onnx_rewrite, onnx_timing
+from graphopt.backends import onnx_build, onnx_rewrite, onnx_timing
 from graphopt.backends.onnx_io import load_onnx, save_onnx
 
 
@@ -77,9 +77,9 @@ def main() -> None:
 
     variants = {"original": original}
     for kind in ("gather", "transpose"):
-        onnx_rewrite.INTERLEAVE = kind
+        onnx_build.INTERLEAVE = kind
         variants[f"rewritten/{kind}"], report = graphopt.rewrite(original)
-    onnx_rewrite.INTERLEAVE = "gather"
+    onnx_build.INTERLEAVE = "gather"
     for flag in ("skip", "fold"):
         t0 = time.perf_counter()
         variants[f"{flag}-slower"], slower = graphopt.rewrite(original, **{f"{flag}_slower": True})

@@ -216,9 +216,9 @@ def test_opset_11_model_keeps_opset_11():
 @pytest.mark.parametrize("kind", ["gather", "transpose"])
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_every_interleave_implementation_matches_numpy(kind, rank, monkeypatch):
-    from graphopt.backends import onnx_rewrite
+    from graphopt.backends import onnx_build
 
-    monkeypatch.setattr(onnx_rewrite, "INTERLEAVE", kind)
+    monkeypatch.setattr(onnx_build, "INTERLEAVE", kind)
     model = onnx_models.single_site(64, 32, rank=rank, spatial=4)
     new, report = graphopt.rewrite(model, mode="linear")
     ops = {n.op_type for n in new.graph.node}

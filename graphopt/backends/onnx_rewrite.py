@@ -1,5 +1,6 @@
-"""ONNX graph surgery with onnx-graphsurgeon: find pointwise Conv nodes, replace each by K,
-interleave, L and the residual sum, then let graphsurgeon clean up and sort the graph."""
+"""ONNX graph surgery with onnx-graphsurgeon: walk the graph (subgraphs included), find the
+pointwise Conv nodes, decide for each (plan, shared weights, timing, folding, fit) and hand it
+to onnx_build for the new nodes; then take out what only the old nodes used and sort."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt.backends.onnx_build import SiteBuilder, constant_value, foldable
 from graphopt.backends.onnx_io import count_params, iter_graphs
 from graphopt.fit import fit_site
 from graphopt.plan import (
@@ -21,18 +23,11 @@ from graphopt.plan import (
     Selection,
     SitePlan,
     Skipped,
-    interleave_permutation,
     plan_site,
 )
 from graphopt.report import Report, Totals
 
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
-# "gather" (one Gather on axis 1 with a constant permutation) or "transpose"
-# (Reshape -> Transpose -> Reshape). benchmarks/onnx_b0.py measures both on EfficientNetB0;
-# three runs gave whole-model ratios within each other's noise (batch 1: gather 0.60-0.82x,
-# transpose 0.63-1.00x; batch 32: gather 0.83-0.88x, transpose 0.76-0.84x), so the simpler
-# single node is the default.
-INTERLEAVE = "gather"
 
 
 def rewrite_onnx(
@@ -53,7 +48,7 @@ def rewrite_onnx(
     With `skip_slower` or `fold_slower`, each site is first timed in onnxruntime against its
     dense original (onnx_timing). A site that would run slower is left as it is with
     `skip_slower` (and listed in `skipped`); with `fold_slower` it keeps its grouped weights
-    but runs folded into one dense conv (`_replace_folded`) when it is linear, and is left as
+    but runs folded into one dense conv (`SiteBuilder.folded`) when it is linear, and is left as
     it is when it is not. `fold` names sites (labels, or a predicate on the plan) to fold
     without timing them.
     """
@@ -127,17 +122,6 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
     return shapes
 
 
-def constant_value(tensor) -> np.ndarray | None:
-    """The value of a weight given as an initializer or as a Constant node's output."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-    return None
-
-
 @dataclass
 class _OnnxRewrite:
     mode: str
@@ -148,14 +132,13 @@ class _OnnxRewrite:
     when_slower: str | None = None
     """None (no timing), "skip" or "fold": what to do with a site slower than its original."""
     fold: object = frozenset()
-    """Labels of the sites to fold (or a callable plan -> bool): see `_replace_folded`."""
+    """Labels of the sites to fold (or a callable plan -> bool): see `SiteBuilder.folded`."""
     init: str = SCRATCH
     """"scratch" (Glorot-uniform K and L, zero biases) or "fit" (fitted to the original)."""
     provider: str = "CPUExecutionProvider"
     """The onnxruntime execution provider sites are timed on."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    _names: set = field(default_factory=set)
     removed_weights: set = field(default_factory=set)
     """Names of the weight initializers of replaced convs (they may go with them)."""
     _first_use: dict = field(default_factory=dict)
@@ -164,8 +147,11 @@ class _OnnxRewrite:
     """(weight, bias) tensor names -> (plan, new constants) once that conv was replaced: a
     later Conv with the same weights (a layer called twice) gets the same new weights."""
 
+    def __post_init__(self):
+        self.build = SiteBuilder(self.rng)
+
     def graph(self, graph: gs.Graph) -> None:
-        self._names |= set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        self.build.names |= set(graph.tensors().keys()) | {n.name for n in graph.nodes}
         for index, node in enumerate(list(graph.nodes)):
             if node.op != "Conv":
                 continue
@@ -249,196 +235,16 @@ class _OnnxRewrite:
         """K and L fitted to the conv's kernel (and giving its bias), put in `weights`."""
         fitted = fit_site(weight.reshape(plan.filters, plan.cin), plan, bias)
         rank = weight.ndim - 2
-        weights["K"] = self._given(f"{base}_K", fitted.kw, fitted.k_bias, rank)
+        weights["K"] = self.build.given(f"{base}_K", fitted.kw, fitted.k_bias, rank)
         if plan.has_l:
-            weights["L"] = self._given(f"{base}_L", fitted.lw, fitted.l_bias, rank)
+            weights["L"] = self.build.given(f"{base}_L", fitted.lw, fitted.l_bias, rank)
         return dataclasses.replace(plan, fit_error=fitted.error)
-
-    def _given(self, base, kernel, bias, rank) -> list[gs.Constant]:
-        """A grouped conv's weights from arrays (F x in/groups kernel, optional bias)."""
-        params = [self._const(f"{base}_W", kernel.reshape(kernel.shape + (1,) * rank))]
-        if bias is not None:
-            params.append(self._const(f"{base}_B", bias))
-        return params
 
     def _positions(self, tensor_name: str) -> int | None:
         shape = self.shapes.get(tensor_name)
         if not shape or len(shape) < 3 or any(d is None or d == 0 for d in shape[2:]):
             return None
         return math.prod(shape[2:])
-
-    # ---- building the replacement ---------------------------------------------------------
-
-    def _unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
-
-    def _var(self, base: str) -> gs.Variable:
-        return gs.Variable(self._unique(base))
-
-    def _const(self, base: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self._unique(base), values)
-
-    def _fresh(self, plan, base, dtype, rank, in_channels, use_bias) -> list[gs.Constant]:
-        """New weights of a grouped conv as a framework would make them: Glorot-uniform
-        kernel, zero bias."""
-        shape = (plan.filters, in_channels // plan.groups) + (1,) * rank
-        limit = math.sqrt(6.0 / (in_channels // plan.groups + plan.filters))
-        params = [self._const(f"{base}_W", self.rng.uniform(-limit, limit, shape).astype(dtype))]
-        if use_bias:
-            params.append(self._const(f"{base}_B", np.zeros(plan.filters, dtype)))
-        return params
-
-    def _grouped_conv(self, graph, x, plan, base, attrs, params):
-        """A Conv with `plan.groups` groups over `x` holding `params` (weight, bias)."""
-        inputs = [x, *params]
-        out = self._var(f"{base}_out")
-        graph.nodes.append(
-            gs.Node("Conv", self._unique(base), dict(attrs, group=plan.groups), inputs, [out])
-        )
-        return out
-
-    def _interleave(self, graph, x, plan, base):
-        out = self._var(f"{base}_interleave_out")
-        if INTERLEAVE == "gather":
-            perm = np.asarray(interleave_permutation(plan.filters, plan.groups), np.int64)
-            graph.nodes.append(
-                gs.Node(
-                    "Gather",
-                    self._unique(f"{base}_interleave"),
-                    {"axis": 1},
-                    [x, self._const(f"{base}_perm", perm)],
-                    [out],
-                )
-            )
-            return out
-        shape = self._var(f"{base}_shape")
-        mid, moved = self._var(f"{base}_grouped"), self._var(f"{base}_moved")
-        split = self._const(
-            f"{base}_split", np.asarray([0, plan.groups, plan.interleave_step, -1], np.int64)
-        )
-        graph.nodes += [
-            gs.Node("Shape", self._unique(f"{base}_shape"), {}, [x], [shape]),
-            gs.Node("Reshape", self._unique(f"{base}_reshape"), {}, [x, split], [mid]),
-            gs.Node(
-                "Transpose",
-                self._unique(f"{base}_transpose"),
-                {"perm": [0, 2, 1, 3]},
-                [mid],
-                [moved],
-            ),
-            gs.Node("Reshape", self._unique(f"{base}_restore"), {}, [moved, shape], [out]),
-        ]
-        return out
-
-    def _branch(self, graph, x, chain, base, fresh: bool):
-        """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats."""
-        prev_in = x
-        for node in chain:
-            out = self._var(f"{base}_{node.op.lower()}_out")
-            inputs = [x] + list(node.inputs[1:])
-            if node.op == "BatchNormalization" and fresh:
-                channels = constant_value(node.inputs[1]).shape[0]
-                dtype = constant_value(node.inputs[1]).dtype
-                inputs = [x] + [
-                    self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
-                    for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
-                ]
-            if node.op == "Mul":  # x * Sigmoid(x): the Sigmoid was the previous chain member
-                inputs = [prev_in, x]
-            prev_in = x
-            graph.nodes.append(
-                gs.Node(
-                    node.op,
-                    self._unique(f"{base}_{node.op.lower()}"),
-                    dict(node.attrs),
-                    inputs,
-                    [out],
-                )
-            )
-            x = out
-        return x
-
-    def _site_graph(self, graph, x, plan, base, attrs, weights, k_chain, l_chain, biased=True):
-        """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output."""
-        keep = (lambda params: params) if biased else (lambda params: params[:1])
-        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, keep(weights["K"]))
-        k_out = self._branch(graph, k_out, k_chain, f"{base}_K", fresh=False)
-        mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
-        if not plan.has_l:
-            return mixed
-        l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
-        l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, keep(weights["L"]))
-        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=True)
-        result = self._var(f"{base}_sum_out")
-        graph.nodes.append(
-            gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
-        )
-        return result
-
-    def _replace_folded(self, graph, x, plan, base, attrs, rank, weights, chain):
-        """The same site, with its linear part computed on the weights instead of on `x`:
-        K, interleave, L and the sum applied to an identity give the dense kernel
-        `(I + L P) K` (and to zeros, the bias), which one ordinary Conv then applies. The
-        model still holds only K's and L's weights; every node that builds the kernel reads
-        constants only, so onnxruntime folds them once when it loads the model and runs the
-        site as fast as the original dense conv, without the extra nodes and layout changes
-        that make some grouped sites slower than their original. Needs a linear site: no L
-        and only an elementwise activation after K (which commutes with the interleave), or
-        nothing pulled at all."""
-        dtype = constant_value(weights["K"][0]).dtype
-        ones = [1] * rank
-        on_weights = {"kernel_shape": ones}
-        eye = self._filled(graph, f"{base}_eye", [plan.cin, plan.cin], dtype, identity=True)
-        eye = self._reshaped(graph, eye, [plan.cin, plan.cin, *ones], f"{base}_eye_nd")
-        transposed = self._site_graph(
-            graph, eye, plan, f"{base}_fold", on_weights, weights, [], [], biased=False
-        )
-        kernel = self._var(f"{base}_fold_W")
-        graph.nodes.append(
-            gs.Node(
-                "Transpose",
-                self._unique(f"{base}_fold_W"),
-                {"perm": [1, 0, *range(2, 2 + rank)]},
-                [transposed],
-                [kernel],
-            )
-        )
-        inputs = [x, kernel]
-        if len(weights["K"]) > 1:  # the bias: the site applied to zeros
-            origin = self._filled(graph, f"{base}_origin", [1, plan.cin, *ones], dtype)
-            at_zero = self._site_graph(
-                graph, origin, plan, f"{base}_fold", on_weights, weights, [], []
-            )
-            inputs.append(self._reshaped(graph, at_zero, [plan.filters], f"{base}_fold_B"))
-        out = self._var(f"{base}_folded_out")
-        graph.nodes.append(
-            gs.Node("Conv", self._unique(f"{base}_folded"), dict(attrs), inputs, [out])
-        )
-        return self._branch(graph, out, chain, f"{base}_K", fresh=False)
-
-    def _filled(self, graph, base, shape, dtype, identity=False) -> gs.Variable:
-        """Zeros of `shape` (or, 2D, an identity) made by nodes from a shape: nothing stored."""
-        zero = gs.Constant(self._unique(f"{base}_zero"), np.zeros(1, dtype))
-        size = self._const(f"{base}_shape", np.asarray(shape, np.int64))
-        out = self._var(f"{base}_zeros")
-        graph.nodes.append(
-            gs.Node("ConstantOfShape", self._unique(base), {"value": zero}, [size], [out])
-        )
-        if not identity:
-            return out
-        eye = self._var(base)
-        graph.nodes.append(gs.Node("EyeLike", self._unique(f"{base}_identity"), {}, [out], [eye]))
-        return eye
-
-    def _reshaped(self, graph, x, shape, base) -> gs.Variable:
-        out = self._var(base)
-        target = self._const(f"{base}_shape", np.asarray(shape, np.int64))
-        graph.nodes.append(gs.Node("Reshape", self._unique(base), {}, [x, target], [out]))
-        return out
 
     def _replace(self, graph, conv, plan: SitePlan, dtype, chain, weights: dict) -> None:
         """Put K, interleave, L and the sum in place of `conv` (and its pulled `chain`);
@@ -449,13 +255,15 @@ class _OnnxRewrite:
         rank = constant_value(conv.inputs[1]).ndim - 2
         if not weights:
             use_bias = len(conv.inputs) > 2
-            weights["K"] = self._fresh(plan, f"{base}_K", dtype, rank, plan.cin, use_bias)
+            weights["K"] = self.build.fresh(plan, f"{base}_K", dtype, rank, plan.cin, use_bias)
             if plan.has_l:
-                weights["L"] = self._fresh(plan, f"{base}_L", dtype, rank, plan.filters, use_bias)
+                weights["L"] = self.build.fresh(
+                    plan, f"{base}_L", dtype, rank, plan.filters, use_bias
+                )
         if plan.runs_folded and foldable(plan, chain):
-            result = self._replace_folded(graph, x, plan, base, attrs, rank, weights, chain)
+            result = self.build.folded(graph, x, plan, base, attrs, rank, weights, chain)
         else:
-            result = self._site_graph(graph, x, plan, base, attrs, weights, chain, chain)
+            result = self.build.site(graph, x, plan, base, attrs, weights, chain, chain)
         # Hand the original output tensor to the last new node, so consumers and graph outputs
         # keep their names, then take out the old nodes and what only they used.
         producer = result.inputs[0]
@@ -464,15 +272,6 @@ class _OnnxRewrite:
         producer.outputs.clear()
         producer.outputs.append(final)
         _remove(graph, [conv, *chain])
-
-
-def foldable(plan: SitePlan, chain) -> bool:
-    """Whether a site is linear up to an elementwise activation after K (see
-    `_replace_folded`): a pulled BatchNormalization, or anything pulled into L's branch, is
-    not."""
-    if any(node.op == "BatchNormalization" for node in chain):
-        return False
-    return not (plan.has_l and chain)
 
 
 def _remove(graph, nodes) -> None:
