@@ -18,7 +18,9 @@ import cli
 import graphopt
 from fixtures import keras_models, onnx_models
 from fixtures.onnx_random import random_cnn
-from graphopt.backends.onnx_verify import verify
+from graphopt.backends import onnx_rewrite
+from graphopt.backends.onnx_io import count_params
+from graphopt.backends.onnx_verify import random_feed, session, verify
 
 FUZZ = settings(
     max_examples=40,
@@ -108,6 +110,29 @@ def test_random_onnx_cnns_rewrite_to_valid_running_models(seed, steps, mode, m):
     )
     _, again = graphopt.rewrite(new, mode=mode, min_channels_per_group=m)
     assert again.sites == []
+
+
+@FUZZ
+@given(
+    seed=st.integers(0, 10_000), steps=st.integers(1, 10), mode=st.sampled_from(["paper", "linear"])
+)
+def test_random_onnx_cnns_fold_and_fit_without_changing_counts_or_outputs(seed, steps, mode):
+    """Folding every foldable site computes what the plain rewrite computes; fitted weights
+    (linear mode) make a valid model with the same counts."""
+    model = random_cnn(seed, steps)
+    plain, report = onnx_rewrite.rewrite_onnx(model, mode, 16, 0, None)
+    folded, _ = onnx_rewrite.rewrite_onnx(model, mode, 16, 0, None, fold=lambda plan: True)
+    verify(model, folded)
+    assert count_params(folded) == count_params(plain) == report.totals.params_after
+    ref = session(plain)
+    feed = random_feed(plain, ref)
+    for want, got in zip(ref.run(None, feed), session(folded).run(None, feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    if mode == "linear":
+        fitted, fit_report = graphopt.rewrite(model, mode=mode, init="fit")
+        verify(model, fitted)
+        assert fit_report.totals.params_after == report.totals.params_after
+        assert all(0 <= s.fit_error for s in fit_report.sites)
 
 
 def test_unknown_ops_pass_through_untouched():
