@@ -206,8 +206,9 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
-    if fit_summary(report):
-        lines.append(shorten_end(fit_summary(report), width))
+    fit = fit_summary(report)
+    if fit:
+        lines.append(shorten_end(fit, width))
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
@@ -265,8 +266,9 @@ def render_markdown(report: Report) -> str:
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines += ["", "\\* " + FOLDED_NOTE.format(n=folded)]
-    if fit_summary(report):
-        lines += ["", fit_summary(report)]
+    fit = fit_summary(report)
+    if fit:
+        lines += ["", fit]
     if report.skipped:
         lines += ["", "| skipped | reason |", "|---|---|"]
         lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]

@@ -128,8 +128,8 @@ class SiteBuilder:
             out = self._var(f"{base}_{node.op.lower()}_out")
             inputs = [x] + list(node.inputs[1:])
             if node.op == "BatchNormalization" and fresh:
-                channels = constant_value(node.inputs[1]).shape[0]
-                dtype = constant_value(node.inputs[1]).dtype
+                scale = constant_value(node.inputs[1])
+                channels, dtype = scale.shape[0], scale.dtype
                 inputs = [x] + [
                     self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
                     for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
@@ -176,7 +176,7 @@ class SiteBuilder:
         that make some grouped sites slower than their original. Needs a linear site: no L
         and only an elementwise activation after K (which commutes with the interleave), or
         nothing pulled at all."""
-        dtype = constant_value(weights["K"][0]).dtype
+        dtype = weights["K"][0].dtype
         ones = [1] * rank
         on_weights = {"kernel_shape": ones}
         eye = self._filled(graph, f"{base}_eye", [plan.cin, plan.cin], dtype, identity=True)

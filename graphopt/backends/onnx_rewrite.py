@@ -188,7 +188,7 @@ class _OnnxRewrite:
             return
         plan, weights = self._shared[key]
         chain = _pulled_chain(graph, conv.outputs[0]) if self.mode == PAPER else []
-        self._replace(graph, conv, plan, None, chain, weights)
+        self._replace(graph, conv, plan, chain, weights)
 
     def _site(self, graph, conv, weight, label, key) -> None:
         bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
@@ -229,7 +229,7 @@ class _OnnxRewrite:
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._shared[key] = (plan, weights)
-        self._replace(graph, conv, plan, weight.dtype, chain, weights)
+        self._replace(graph, conv, plan, chain, weights, weight)
 
     def _fit(self, base, plan, weight, bias, weights: dict) -> SitePlan:
         """K and L fitted to the conv's kernel (and giving its bias), put in `weights`."""
@@ -246,15 +246,16 @@ class _OnnxRewrite:
             return None
         return math.prod(shape[2:])
 
-    def _replace(self, graph, conv, plan: SitePlan, dtype, chain, weights: dict) -> None:
+    def _replace(self, graph, conv, plan: SitePlan, chain, weights: dict, weight=None) -> None:
         """Put K, interleave, L and the sum in place of `conv` (and its pulled `chain`);
-        `weights` holds K's and L's parameters, made here when empty (first use)."""
+        `weights` holds K's and L's parameters, made here like the original kernel `weight`
+        when empty (first use)."""
         base = conv.name or plan.name
         x, final = conv.inputs[0], (chain[-1] if chain else conv).outputs[0]
         attrs = {k: v for k, v in conv.attrs.items() if k != "group"}
-        rank = constant_value(conv.inputs[1]).ndim - 2
+        rank = (weight.ndim if weight is not None else len(weights["K"][0].shape)) - 2
         if not weights:
-            use_bias = len(conv.inputs) > 2
+            dtype, use_bias = weight.dtype, len(conv.inputs) > 2
             weights["K"] = self.build.fresh(plan, f"{base}_K", dtype, rank, plan.cin, use_bias)
             if plan.has_l:
                 weights["L"] = self.build.fresh(

@@ -64,7 +64,10 @@ def _in_context(plan: SitePlan, spatial: list[int]) -> onnx.ModelProto:
 
 
 def speed_ratio(
-    plan: SitePlan, rewrite, provider: str = "CPUExecutionProvider", purpose: str = ""
+    plan: SitePlan,
+    rewrite,
+    provider: str = "CPUExecutionProvider",
+    purpose: str = "to time sites",
 ) -> float | None:
     """Median latency of the rewritten site over the dense conv, in context, runs interleaved;
     the larger ratio of BATCHES. None when the site's spatial size is unknown. `rewrite`
@@ -76,10 +79,9 @@ def speed_ratio(
 
     spatial = _spatial(plan.positions)
     dense = _in_context(plan, spatial)
-    why = purpose or "to time sites"
     sessions = {
-        "dense": session(dense, provider, why, spinning=False),
-        "new": session(rewrite(dense), provider, why, spinning=False),
+        "dense": session(dense, provider, purpose, spinning=False),
+        "new": session(rewrite(dense), provider, purpose, spinning=False),
     }
     ratios = []
     for batch in BATCHES:
