@@ -126,3 +126,14 @@ def save_keras(model, path: str) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def input_specs(model) -> list:
+    """The model's inputs as data.InputSpec (names are those `predict` takes in a dict)."""
+    import numpy as np
+
+    from graphopt.data import InputSpec
+
+    return [
+        InputSpec(t.name, (None, *tuple(t.shape)[1:]), np.dtype(t.dtype).name) for t in model.inputs
+    ]

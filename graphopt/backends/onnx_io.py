@@ -6,6 +6,7 @@ import math
 import os
 import tempfile
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -159,3 +160,21 @@ def save_onnx(model: onnx.ModelProto, path: str) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def input_specs(model: onnx.ModelProto) -> list:
+    """The model's real inputs (not initializers) as data.InputSpec: name, dims, NumPy dtype."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from graphopt.data import InputSpec
+
+    weights = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in weights:
+            continue
+        tensor = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)).name
+        specs.append(InputSpec(vi.name, (None, *dims[1:]) if dims else dims, dtype))
+    return specs
