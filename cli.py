@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
             "grouped weights but runs as one dense conv onnxruntime folds from them at load "
             "(left as it is when its branches are not linear)",
         )
+        _calibration_arguments(p)
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -130,6 +131,63 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """--calibrate and what it enables (graphopt.calibrate)."""
+    data = p.add_mutually_exclusive_group()
+    data.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        help="fit each site's new weights to reproduce the original on these samples of the "
+        "model's inputs (.npy, .npz with one array per input, a folder of them, or a folder of "
+        "images) and report the agreement on a held-out part",
+    )
+    data.add_argument(
+        "--measure",
+        metavar="DATA",
+        help="only measure the agreement with the original on DATA (no fitting)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=("0..1", "-1..1", "imagenet", "none"),
+        default="0..1",
+        help="image folders: pixel scaling (default 0..1, x/255, what most user-trained "
+        "networks expect; keras.applications EfficientNet wants none)",
+    )
+    p.add_argument(
+        "--held-out",
+        type=float,
+        default=0.25,
+        metavar="SHARE",
+        help="share of the data kept for measuring, never fitted on (default 0.25)",
+    )
+    p.add_argument(
+        "--groups",
+        choices=("rule", "auto"),
+        default="rule",
+        help="rule: the paper's group count; auto: per site the largest allowed one whose "
+        "calibrated error stays within --max-site-error",
+    )
+    p.add_argument(
+        "--max-site-error",
+        type=float,
+        metavar="E",
+        help="--groups auto: bound on a site's held-out relative error (default 0.1)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="A",
+        help="leave the most damaging sites as they were until the held-out top-1 agreement "
+        "with the original is at least A (0..1)",
+    )
+    p.add_argument(
+        "--max-output-error",
+        type=float,
+        metavar="E",
+        help="the same for the outputs' relative L2 error",
+    )
 
 
 def _positive(text: str) -> int:
@@ -184,7 +242,7 @@ def _expand(models: list[str]) -> list[str]:
 
 def _precheck(source: str) -> str | None:
     """Cheap checks before importing TensorFlow (which takes seconds)."""
-    if source.startswith("keras.applications:"):
+    if not source or source.startswith("keras.applications:"):
         return None
     if not os.path.exists(source):
         return f"{source}: no such file"
@@ -234,7 +292,10 @@ def _run_one(graphopt, args, source: str, output: str | None):
         model = graphopt.load(
             source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
         )
-    with step(f"rewriting {source}", show):
+    data = args.calibrate or args.measure
+    if data and show:
+        _say(f"{'calibrating' if args.calibrate else 'measuring'} {source} on {data}")
+    with step(f"rewriting {source}", show and not data):
         new_model, report = graphopt.rewrite(
             model,
             mode=args.mode,
@@ -248,6 +309,15 @@ def _run_one(graphopt, args, source: str, output: str | None):
             fold_slower=args.fold_slower,
             init=args.init,
             provider=args.provider,
+            calibration=args.calibrate or args.measure,
+            calibrate=args.measure is None,
+            groups=args.groups,
+            min_agreement=args.min_agreement,
+            max_output_error=args.max_output_error,
+            max_site_error=args.max_site_error,
+            held_out=args.held_out,
+            preprocess=args.preprocess,
+            progress=_say if show else None,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify
@@ -263,6 +333,10 @@ def _run_one(graphopt, args, source: str, output: str | None):
         else:
             report.totals.file_size_after = _size_when_saved(graphopt, new_model)
     return report
+
+
+def _say(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
 
 
 def _export(graphopt, args, source: str) -> int:
@@ -319,7 +393,8 @@ def _summary(reports) -> str:
 
 def _main(args) -> int:
     sources = _expand(args.model if isinstance(args.model, list) else [args.model])
-    for source in sources:
+    data = getattr(args, "calibrate", None) or getattr(args, "measure", None)
+    for source in sources + ([data] if data else []):
         problem = _precheck(source)
         if problem:
             return _fail(problem)

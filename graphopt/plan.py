@@ -29,6 +29,13 @@ def max_groups(cin: int, filters: int, min_channels_per_group: int) -> int:
     return d
 
 
+def allowed_groups(cin: int, filters: int, min_channels_per_group: int) -> list[int]:
+    """Every group count the rule allows, largest first: common divisors of cin and filters,
+    above 1 and at most cin // m (so each group has at least m input channels)."""
+    top = max_groups(cin, filters, min_channels_per_group)
+    return [d for d in range(top, 1, -1) if cin % d == 0 and filters % d == 0]
+
+
 def interleave_permutation(channels: int, groups: int) -> list[int]:
     """Source channel of each output channel: output j*N + i takes input i*s + j."""
     step = channels // groups
@@ -50,10 +57,16 @@ class SitePlan:
     """Parameters of the normalisation added for L in paper mode (0 when none)."""
     l_norm_trainable: int = 0
     runs_folded: bool = False
-    fit_error: float | None = None
-    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
     """ONNX, --fold-slower: the model holds K and L, but the site runs as one dense conv that
     onnxruntime computes from them when it loads the model (its MACs are the original's)."""
+    fit_error: float | None = None
+    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
+    site_error: float | None = None
+    """--calibrate: relative L2 error of the site's output against the original's on held-out
+    samples (same inputs); None when the site was not calibrated."""
+    calibrated_on: str | None = None
+    """--calibrate: whose activations the site was fitted on, "original" or "rewritten" (the
+    rewritten prefix), whichever gave the smaller held-out error."""
 
     @property
     def interleave_step(self) -> int:
@@ -140,9 +153,15 @@ def plan_site(
     min_channels_per_group: int = DEFAULT_MIN_CHANNELS_PER_GROUP,
     positions: int | None = None,
     l_norm_per_channel: tuple[int, int] = (0, 0),
+    groups: int | None = None,
 ) -> SitePlan | Skipped:
-    """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN."""
-    groups = max_groups(cin, filters, min_channels_per_group)
+    """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN;
+    `groups` overrides the rule's choice (a common divisor of cin and filters, see
+    `allowed_groups`)."""
+    if groups is None:
+        groups = max_groups(cin, filters, min_channels_per_group)
+    elif groups < 1 or cin % groups or filters % groups:
+        raise ValueError(f"{name}: {groups} groups do not divide Cin={cin} and F={filters}")
     if groups <= 1:
         return Skipped(
             name,
@@ -166,15 +185,26 @@ def plan_site(
 
 @dataclass(frozen=True)
 class Selection:
-    """Which sites the user wants rewritten: --include/--exclude globs and --keep-last N."""
+    """Which sites the user wants rewritten and how: --include/--exclude globs, --keep-last N,
+    sites left as they were by calibration (with the reason), and per-site group counts."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_last: int = 0
     kept: frozenset[str] = frozenset()
     """The last `keep_last` site names, found by a first pass over the model."""
+    left: tuple[tuple[str, str], ...] = ()
+    """(site name, reason) of sites left as they were by a decision other than the globs."""
+    groups: tuple[tuple[str, int], ...] = ()
+    """(site name, groups) where a site takes other groups than the rule's (--groups auto)."""
+
+    def groups_for(self, name: str) -> int | None:
+        return dict(self.groups).get(name)
 
     def skip_reason(self, name: str) -> str | None:
+        left = dict(self.left).get(name)
+        if left:
+            return left
         if self.include and not any(fnmatchcase(name, p) for p in self.include):
             return f"not matched by --include {' '.join(self.include)}"
         for pattern in self.exclude:

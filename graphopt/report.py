@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from graphopt.plan import SitePlan, Skipped
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema", "report.schema.json")
 
 
@@ -50,6 +50,8 @@ class Report:
     totals: Totals
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    quality: object = None
+    """calibrate.Quality when data was given: agreement with the original on held-out samples."""
 
     @property
     def site_macs_before(self) -> int | None:
@@ -99,7 +101,7 @@ class Report:
             "sites": len(self.sites),
             "skipped": len(self.skipped),
         }
-        return {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "backend": self.backend,
@@ -109,6 +111,9 @@ class Report:
             "sites": [s.as_dict() for s in self.sites],
             "skipped": [s.as_dict() for s in self.skipped],
         }
+        if self.quality is not None:
+            data["quality"] = self.quality.as_dict()
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -184,6 +189,41 @@ def fit_summary(report: Report) -> str:
     )
 
 
+def quality_lines(report: Report) -> list[str]:
+    """The lines on agreement with the original ([] without calibration data)."""
+    quality = report.quality
+    if quality is None:
+        return []
+    what = "calibrated on" if quality.calibrated else "measured with"
+    lines = [
+        f"quality ({what} {quality.fit_samples} samples, figures on {quality.held_out_samples} "
+        "held-out samples):"
+    ]
+    for o in quality.outputs:
+        top1 = "" if o.agreement is None else f"top-1 agreement {100 * o.agreement:.2f}%, "
+        lines.append(
+            f"  output {o.name}: {top1}relative error {o.relative_error:.4f}, cosine {o.cosine:.4f}"
+        )
+    errors = sorted((s.site_error, s.name) for s in report.sites if s.site_error is not None)
+    if errors:
+        lines.append(
+            f"  site errors {errors[0][0]:.3f} to {errors[-1][0]:.3f}, median "
+            f"{errors[len(errors) // 2][0]:.3f} (worst: {errors[-1][1]})"
+        )
+    if len(quality.curve) > 1:
+        first, last = quality.curve[0], quality.curve[-1]
+        lines.append(
+            f"  accuracy control: {len(last['sites_left'])} sites left as they were; "
+            f"{_share(first['agreement'])} at {first['reduction_pct']:.2f}% fewer parameters -> "
+            f"{_share(last['agreement'])} at {last['reduction_pct']:.2f}%"
+        )
+    return lines
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}% agreement"
+
+
 def _paint(text: str, code: str, color: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if color else text
 
@@ -209,6 +249,7 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
     fit = fit_summary(report)
     if fit:
         lines.append(shorten_end(fit, width))
+    lines += [shorten_end(line, width) for line in quality_lines(report)]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
@@ -269,6 +310,9 @@ def render_markdown(report: Report) -> str:
     fit = fit_summary(report)
     if fit:
         lines += ["", fit]
+    quality = quality_lines(report)
+    if quality:
+        lines += ["", quality[0], ""] + [f"- {line.strip()}" for line in quality[1:]]
     if report.skipped:
         lines += ["", "| skipped | reason |", "|---|---|"]
         lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]

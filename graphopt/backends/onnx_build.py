@@ -121,8 +121,9 @@ class SiteBuilder:
         ]
         return out
 
-    def _branch(self, graph, x, chain, base, fresh: bool):
-        """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats."""
+    def _branch(self, graph, x, chain, base, fresh: bool, norm=None):
+        """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats,
+        or the (scale, shift) of `norm` with mean 0 and variance 1."""
         prev_in = x
         for node in chain:
             out = self._var(f"{base}_{node.op.lower()}_out")
@@ -130,9 +131,11 @@ class SiteBuilder:
             if node.op == "BatchNormalization" and fresh:
                 scale = constant_value(node.inputs[1])
                 channels, dtype = scale.shape[0], scale.dtype
+                scale_shift = norm or (np.ones(channels), np.zeros(channels))
+                values = (*scale_shift, np.zeros(channels), np.ones(channels))
                 inputs = [x] + [
-                    self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
-                    for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
+                    self._const(f"{base}_bn_{p}", np.asarray(v, dtype))
+                    for p, v in zip(("scale", "bias", "mean", "var"), values)
                 ]
             if node.op == "Mul":  # x * Sigmoid(x): the Sigmoid was the previous chain member
                 inputs = [prev_in, x]
@@ -149,8 +152,9 @@ class SiteBuilder:
             x = out
         return x
 
-    def site(self, graph, x, plan, base, attrs, weights, k_chain, l_chain, biased=True):
-        """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output."""
+    def site(self, graph, x, plan, base, attrs, weights, k_chain, l_chain, biased=True, norm=None):
+        """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output.
+        `norm`: BN''s (scale, shift) when given (calibrated), else identity."""
         keep = (lambda params: params) if biased else (lambda params: params[:1])
         k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, keep(weights["K"]))
         k_out = self._branch(graph, k_out, k_chain, f"{base}_K", fresh=False)
@@ -159,7 +163,7 @@ class SiteBuilder:
             return mixed
         l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
         l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, keep(weights["L"]))
-        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=True)
+        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=True, norm=norm)
         result = self._var(f"{base}_sum_out")
         graph.nodes.append(
             gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])

@@ -42,8 +42,13 @@ def rewrite_onnx(
     fold=frozenset(),
     init: str = SCRATCH,
     provider: str = "CPUExecutionProvider",
+    weights=None,
+    found: dict | None = None,
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
+
+    `weights` maps site names to given K/L (fit.Fitted, from calibration); `found`, when a
+    dict, receives a `FoundSite` per rewritten site of the main graph (what calibration reads).
 
     With `skip_slower` or `fold_slower`, each site is first timed in onnxruntime against its
     dense original (onnx_timing). A site that would run slower is left as it is with
@@ -62,10 +67,14 @@ def rewrite_onnx(
         fold,
         init,
         provider,
+        dict(weights or {}),
     )
     graph = gs.import_onnx(model)
+    job.main = graph
     for g in [graph, *graph.subgraphs(recursive=True)]:
         job.graph(g)
+    if found is not None:
+        found.update(job.found)
     if job.sites:
         graph.toposort()
         new = gs.export_onnx(graph, do_type_check=False)
@@ -137,6 +146,12 @@ class _OnnxRewrite:
     """"scratch" (Glorot-uniform K and L, zero biases) or "fit" (fitted to the original)."""
     provider: str = "CPUExecutionProvider"
     """The onnxruntime execution provider sites are timed on."""
+    weights: dict = field(default_factory=dict)
+    """Site name -> Fitted given for that site (calibration), used instead of `init`."""
+    main: object = None
+    """The main graph (only its sites are reported in `found`: subgraph tensors cannot be
+    read out of onnxruntime)."""
+    found: dict = field(default_factory=dict)
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     removed_weights: set = field(default_factory=set)
@@ -206,6 +221,7 @@ class _OnnxRewrite:
             min_channels_per_group=self.min_channels_per_group,
             positions=self._positions(conv.outputs[0].name),
             l_norm_per_channel=(4, 4) if has_bn else (0, 0),
+            groups=self.selection.groups_for(label),
         )
         if isinstance(plan, Skipped):
             self.skipped.append(plan)
@@ -224,21 +240,30 @@ class _OnnxRewrite:
         if fold and foldable(plan, chain):
             plan = dataclasses.replace(plan, runs_folded=True)
         weights: dict[str, list] = {}
-        if self.init == FIT:
-            plan = self._fit(conv.name or label, plan, weight, bias, weights)
+        given = self.weights.get(label)
+        if given is not None or self.init == FIT:
+            plan = self._fit(conv.name or label, plan, weight, bias, weights, given)
+        if graph is self.main:
+            final = (chain[-1] if chain else conv).outputs[0]
+            self.found[label] = FoundSite(
+                conv.inputs[0].name, final.name, weight, bias, conv.attrs, chain
+            )
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._shared[key] = (plan, weights)
         self._replace(graph, conv, plan, chain, weights, weight)
 
-    def _fit(self, base, plan, weight, bias, weights: dict) -> SitePlan:
-        """K and L fitted to the conv's kernel (and giving its bias), put in `weights`."""
-        fitted = fit_site(weight.reshape(plan.filters, plan.cin), plan, bias)
+    def _fit(self, base, plan, weight, bias, weights: dict, given=None) -> SitePlan:
+        """K and L fitted to the conv's kernel (and giving its bias), or `given` ones (with
+        BN''s scale and shift under "norm"), put in `weights`."""
+        fitted = given or fit_site(weight.reshape(plan.filters, plan.cin), plan, bias)
         rank = weight.ndim - 2
         weights["K"] = self.build.given(f"{base}_K", fitted.kw, fitted.k_bias, rank)
         if plan.has_l:
             weights["L"] = self.build.given(f"{base}_L", fitted.lw, fitted.l_bias, rank)
-        return dataclasses.replace(plan, fit_error=fitted.error)
+        if fitted.l_norm is not None:
+            weights["norm"] = fitted.l_norm
+        return plan if given else dataclasses.replace(plan, fit_error=fitted.error)
 
     def _positions(self, tensor_name: str) -> int | None:
         shape = self.shapes.get(tensor_name)
@@ -264,7 +289,9 @@ class _OnnxRewrite:
         if plan.runs_folded and foldable(plan, chain):
             result = self.build.folded(graph, x, plan, base, attrs, rank, weights, chain)
         else:
-            result = self.build.site(graph, x, plan, base, attrs, weights, chain, chain)
+            result = self.build.site(
+                graph, x, plan, base, attrs, weights, chain, chain, norm=weights.get("norm")
+            )
         # Hand the original output tensor to the last new node, so consumers and graph outputs
         # keep their names, then take out the old nodes and what only they used.
         producer = result.inputs[0]
@@ -273,6 +300,20 @@ class _OnnxRewrite:
         producer.outputs.clear()
         producer.outputs.append(final)
         _remove(graph, [conv, *chain])
+
+
+@dataclass(frozen=True)
+class FoundSite:
+    """What calibration reads of a site: the tensors it reads and replaces (by name, the same
+    in the rewritten model), the original kernel (F x Cin x 1...) and bias, the conv's
+    attributes (strides) and the BN/activation nodes pulled into its branches."""
+
+    x: str
+    y: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    attrs: dict
+    chain: list
 
 
 def _remove(graph, nodes) -> None:
