@@ -302,8 +302,13 @@ class Calibration:
             bound = DEFAULT_SITE_ERROR
         if bound is not None:
             return self._grouped(infos, selection, errors, bound)
+        tried = set()
         for bound in sorted({round(e, 6) for e, _ in errors.values()}, reverse=True):
             trial = self._grouped(infos, selection, errors, bound)
+            grouping = tuple(sorted(self._groups_of(infos, trial).items()))
+            if grouping in tried:
+                continue
+            tried.add(grouping)
             weights = {n: errors[n, g][1] for n, g in self._groups_of(infos, trial).items()}
             built = self.backend.build(trial, weights)
             outputs = self._compare(built.model)
