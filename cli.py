@@ -1,6 +1,7 @@
 """`pwgroup`: argument parsing and exit codes only; the work is graphopt's.
 
-Exit codes: 0 success, 1 a reduction below --fail-under, 2 bad input or usage.
+Exit codes: 0 success, 1 a reduction below --fail-under (or a failed internal check: a
+pwgroup bug), 2 bad input or usage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import tempfile
 
 EXIT_OK, EXIT_BELOW_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BUG = 1  # a failed internal check; shares 1 with --fail-under, as CI treats both as failures
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -359,10 +361,16 @@ def _main(args) -> int:
 
         _write_text(args.html, render_html(reports), sources)
     if args.fail_under is not None:
-        below = [r for r in reports if r.totals.reduction_pct < args.fail_under]
+        from graphopt.report import change
+
+        below = [
+            r
+            for r in reports
+            if r.totals.reduction_pct < args.fail_under or r.totals.reduction_pct < 0
+        ]
         for r in below:
             _fail(
-                f"{r.model}: trainable parameters reduced by {r.totals.reduction_pct:.2f}%, "
+                f"{r.model}: trainable parameters {change(r.totals.reduction_pct)}, "
                 f"below --fail-under {args.fail_under:g}%",
                 EXIT_BELOW_THRESHOLD,
             )
@@ -380,12 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure becomes one line; --debug shows the traceback
         if args.debug:
             raise
-        from graphopt.errors import GraphoptError
+        from graphopt.errors import GraphoptError, InternalError
 
         models = args.model if isinstance(args.model, list) else [args.model]
         line = _one_line(exc)
         if not any(m in line for m in models):
             line = f"{', '.join(models)}: {line}"  # every message names the file
+        if isinstance(exc, InternalError):
+            return _fail(
+                f"internal error, a bug in pwgroup (nothing was written; please report it): {line}",
+                EXIT_BUG,
+            )
         if isinstance(exc, (GraphoptError, OSError)):
             return _fail(line)
         return _fail(

@@ -6,7 +6,7 @@ import functools
 import math
 import os
 
-from graphopt.errors import InputError, OutputError, UsageError
+from graphopt.errors import InputError, InternalError, OutputError, UsageError
 from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, FIT, INITS, LINEAR, MODES, Selection
 from graphopt.report import Report, Totals
 
@@ -89,7 +89,22 @@ def rewrite(
         _, first = planner(model, mode, min_channels_per_group, seed, name, selection)
         kept = frozenset(s.name for s in first.sites[-keep_last:])
         selection = Selection(tuple(include), tuple(exclude), keep_last, kept)
-    return backend(model, mode, min_channels_per_group, seed, name, selection)
+    new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
+    check_accounting(report)
+    return new_model, report
+
+
+def check_accounting(report: Report) -> None:
+    """The model changes by exactly what its sites change (BN' included in its site); anything
+    else means the rewrite touched what it should not have, so the result must not be used."""
+    t = report.totals
+    changed = t.params_after - t.params_before
+    by_sites = sum(s.params_after - s.params_before for s in report.sites)
+    if changed != by_sites:
+        raise InternalError(
+            f"{report.model}: the rewritten model has {changed:+,} parameters but its sites "
+            f"account for {by_sites:+,}"
+        )
 
 
 def keras_counts(model) -> tuple[int, int]:

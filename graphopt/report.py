@@ -12,6 +12,11 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema", "report.schema.json")
 
 
+def change(pct: float) -> str:
+    """How the report words a change of parameters: a growth is never called a reduction."""
+    return f"grew by {-pct:.2f}%" if pct < 0 else f"reduced by {pct:.2f}%"
+
+
 def _pct(before: int | None, after: int | None) -> float:
     if not before or after is None:
         return 0.0
@@ -226,10 +231,10 @@ def _totals_lines(report: Report, color: bool = False) -> list[str]:
         b = "-" if before is None else f"{before:,}"
         a = "-" if after is None else f"{after:,}"
         out.append(f"{label:22}{b:>15}{a:>15}{pct:>8.2f}%")
-    pct = _paint(f"{t.reduction_pct:.2f}%", "1;32" if t.reduction_pct > 0 else "1;33", color)
+    pct = _paint(change(t.reduction_pct), "1;32" if t.reduction_pct > 0 else "1;33", color)
     out.append(
         f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
-        f"trainable parameters reduced by {pct}"
+        f"trainable parameters {pct}"
     )
     return out
 
@@ -239,7 +244,7 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"### pwgroup: `{report.model}` ({report.mode} mode)",
         "",
-        f"**Trainable parameters reduced by {t.reduction_pct:.2f}%**: "
+        f"**Trainable parameters {change(t.reduction_pct)}**: "
         f"{t.trainable_params_before:,} → {t.trainable_params_after:,} "
         f"({len(report.sites)} sites rewritten, {len(report.skipped)} skipped).",
         "",

@@ -121,19 +121,23 @@ class SiteBuilder:
         ]
         return out
 
-    def _branch(self, graph, x, chain, base, fresh: bool):
-        """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats."""
+    def _branch(self, graph, x, chain, base, fresh: dict | None = None):
+        """Apply copies of the pulled BN/activation nodes; with `fresh` (the site's weights),
+        a BN gets BN' (identity stats), made once per site, so every use of a shared conv
+        reads the same BN'."""
         prev_in = x
         for node in chain:
             out = self._var(f"{base}_{node.op.lower()}_out")
             inputs = [x] + list(node.inputs[1:])
-            if node.op == "BatchNormalization" and fresh:
-                scale = constant_value(node.inputs[1])
-                channels, dtype = scale.shape[0], scale.dtype
-                inputs = [x] + [
-                    self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
-                    for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
-                ]
+            if node.op == "BatchNormalization" and fresh is not None:
+                if "BN'" not in fresh:
+                    scale = constant_value(node.inputs[1])
+                    channels, dtype = scale.shape[0], scale.dtype
+                    fresh["BN'"] = [
+                        self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
+                        for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
+                    ]
+                inputs = [x, *fresh["BN'"]]
             if node.op == "Mul":  # x * Sigmoid(x): the Sigmoid was the previous chain member
                 inputs = [prev_in, x]
             prev_in = x
@@ -153,13 +157,13 @@ class SiteBuilder:
         """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output."""
         keep = (lambda params: params) if biased else (lambda params: params[:1])
         k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, keep(weights["K"]))
-        k_out = self._branch(graph, k_out, k_chain, f"{base}_K", fresh=False)
+        k_out = self._branch(graph, k_out, k_chain, f"{base}_K")
         mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
         if not plan.has_l:
             return mixed
         l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
         l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, keep(weights["L"]))
-        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=True)
+        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=weights)
         result = self._var(f"{base}_sum_out")
         graph.nodes.append(
             gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
@@ -203,7 +207,7 @@ class SiteBuilder:
         graph.nodes.append(
             gs.Node("Conv", self._unique(f"{base}_folded"), dict(attrs), inputs, [out])
         )
-        return self._branch(graph, out, chain, f"{base}_K", fresh=False)
+        return self._branch(graph, out, chain, f"{base}_K")
 
     def _filled(self, graph, base, shape, dtype, identity=False) -> gs.Variable:
         """Zeros of `shape` (or, 2D, an identity) made by nodes from a shape: nothing stored."""

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.backends.onnx_build import SiteBuilder, constant_value, foldable
 from graphopt.backends.onnx_io import count_params, iter_graphs
+from graphopt.backends.onnx_scopes import Scopes
 from graphopt.fit import fit_site
 from graphopt.plan import (
     EVERY_SITE,
@@ -64,13 +65,13 @@ def rewrite_onnx(
         provider,
     )
     graph = gs.import_onnx(model)
+    job.scopes = Scopes(model, graph)
     for g in [graph, *graph.subgraphs(recursive=True)]:
         job.graph(g)
     if job.sites:
         graph.toposort()
-        new = gs.export_onnx(graph, do_type_check=False)
+        new = job.scopes.export(graph, job.removed_weights)
         _keep_identity(model, new)
-        _keep_unused_initializers(model, new, job.removed_weights)
     else:
         new = onnx.ModelProto()
         new.CopyFrom(model)  # no site: the same graph, untouched by any cleanup
@@ -86,15 +87,6 @@ def rewrite_onnx(
         job.skipped,
     )
     return new, report
-
-
-def _keep_unused_initializers(original, new, removed: set[str]) -> None:
-    """Initializers the input did not use are not ours to delete: graphsurgeon's export only
-    writes the ones a node reads, so put the others back."""
-    present = {t.name for t in new.graph.initializer}
-    for t in original.graph.initializer:
-        if t.name not in present and t.name not in removed:
-            new.graph.initializer.append(t)
 
 
 def _keep_identity(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
@@ -143,6 +135,8 @@ class _OnnxRewrite:
     """Names of the weight initializers of replaced convs (they may go with them)."""
     _first_use: dict = field(default_factory=dict)
     """(weight, bias) tensor names -> label of the first Conv that uses them."""
+    scopes: Scopes | None = None
+    """Which graph holds each weight (new K and L go where the weight they replace was)."""
     _shared: dict = field(default_factory=dict)
     """(weight, bias) tensor names -> (plan, new constants) once that conv was replaced: a
     later Conv with the same weights (a layer called twice) gets the same new weights."""
@@ -229,7 +223,10 @@ class _OnnxRewrite:
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._shared[key] = (plan, weights)
+        replaced = conv.inputs[1]
         self._replace(graph, conv, plan, chain, weights, weight)
+        if self.scopes is not None:
+            self.scopes.home_like([t for ts in weights.values() for t in ts], replaced, graph)
 
     def _fit(self, base, plan, weight, bias, weights: dict) -> SitePlan:
         """K and L fitted to the conv's kernel (and giving its bias), put in `weights`."""
