@@ -174,3 +174,33 @@ def test_cli_skip_slower_on_onnx_and_refused_on_keras(tmp_path, keras_fixtures):
     assert proc.returncode == 0, proc.stderr
     proc = run_pwgroup("report", keras_fixtures["residual"], "--skip-slower")
     assert proc.returncode == 2 and "applies to ONNX models" in proc.stderr
+
+
+def test_a_model_that_fails_shape_inference_is_refused_at_load(tmp_path):
+    """Issue 9: such a model passed the structural check, then failed in verification as an
+    "unexpected error". Here Conv's input has two dimensions (it needs at least three)."""
+    model = onnx_models.single_site()
+    model.graph.input[0].type.tensor_type.shape.dim.pop()
+    model.graph.input[0].type.tensor_type.shape.dim.pop()
+    onnx.checker.check_model(model)  # the structural check alone lets it through
+    path = tmp_path / "bad_shapes.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="bad_shapes.onnx: not a valid ONNX model"):
+        load_onnx(str(path))
+
+
+def test_an_input_onnxruntime_cannot_load_is_the_input_s_fault(tmp_path, capsys):
+    """A custom op passes onnx.checker but not onnxruntime: exit 2 naming the file, not a
+    "rewritten model fails" bug report."""
+    import cli
+
+    model = onnx_models.single_site()
+    model.graph.node.append(onnx.helper.make_node("MyOp", ["y"], ["z"], domain="com.example"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    src, out = tmp_path / "custom.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    assert cli.main(["rewrite", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(src) in err[0] and "cannot load the input model" in err[0]
+    assert not out.exists()

@@ -130,9 +130,14 @@ def load_onnx(path: str) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, folder)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from exc
-    try:
-        onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, UnicodeDecodeError, ValueError) as exc:
+    try:  # full_check: the strict shape inference verification runs on the rewritten model
+        onnx.checker.check_model(model, full_check=True)
+    except (
+        onnx.checker.ValidationError,
+        onnx.shape_inference.InferenceError,
+        UnicodeDecodeError,
+        ValueError,
+    ) as exc:
         raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from exc
     return model
 

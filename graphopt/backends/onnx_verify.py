@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from graphopt import runtime
-from graphopt.errors import GraphoptError
+from graphopt.errors import InputError, InternalError
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -20,8 +20,9 @@ _NP_TYPES = {
 }
 
 
-class VerificationError(GraphoptError):
-    """The rewritten model fails a check the original passes."""
+class VerificationError(InternalError):
+    """The rewritten model fails a check the original passes: a bug in pwgroup, since the
+    input passed the same checks when it was loaded."""
 
 
 def interface(model: onnx.ModelProto) -> list[tuple]:
@@ -116,9 +117,17 @@ def verify(
         raise VerificationError("the rewritten model's inputs/outputs differ from the original's")
     runtime.onnxruntime(CHECK_PURPOSE)  # a missing runtime is not a broken model
     try:
-        ref, new = session(original, provider), session(rewritten, provider)
+        ref = session(original, provider)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
-        raise VerificationError(f"onnxruntime cannot load the model: {exc}") from exc
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            "onnxruntime cannot load the input model, so the result cannot be checked "
+            f"(--no-verify skips the check): {why}"
+        ) from exc
+    try:
+        new = session(rewritten, provider)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
+        raise VerificationError(f"onnxruntime cannot load the rewritten model: {exc}") from exc
     feed, expected = _runnable_feed(original, ref)
     if feed is None:
         return  # the original itself runs on no random input we can make: nothing to compare
