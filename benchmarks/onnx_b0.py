@@ -140,7 +140,7 @@ def _alone(model, site, fold=False):
     """The rewrite of a single-site model with `site`'s groups, folded or not."""
     fold_set = (lambda plan: True) if fold else frozenset()
     return onnx_rewrite.rewrite_onnx(
-        model, "linear", site.cin // site.groups, 0, None, fold=fold_set
+        model, "paper", site.cin // site.groups, 0, None, fold=fold_set
     )[0]
 
 

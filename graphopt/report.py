@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from graphopt.plan import SitePlan, Skipped
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema", "report.schema.json")
 
 
@@ -168,13 +168,14 @@ def _site_row(s: SitePlan) -> tuple:
         s.interleave_step,
         "yes" if s.has_l else "no",
         human(s.params_before),
-        human(s.params_after),
+        human(s.params_after) + ("" if s.saves else "!"),
         human(s.macs_before),
         human(s.macs_after) + ("*" if s.runs_folded else ""),
     )
 
 
 FOLDED_NOTE = "{n} folded: the file holds K and L; onnxruntime runs them as one dense conv"
+NO_SAVING_NOTE = "{n} save nothing (paper mode rewrites them as the paper did; linear skips them)"
 
 
 def fit_summary(report: Report) -> str:
@@ -211,6 +212,9 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
+    grow = sum(not s.saves for s in report.sites)
+    if grow:
+        lines.append(shorten_end("! " + NO_SAVING_NOTE.format(n=grow), width))
     fit = fit_summary(report)
     if fit:
         lines.append(shorten_end(fit, width))
@@ -265,12 +269,16 @@ def render_markdown(report: Report) -> str:
     for s in report.sites:
         lines.append(
             f"| `{s.name}` | {s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
-            f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,} | "
+            f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,}"
+            f"{'' if s.saves else '!'} | "
             f"{human(s.macs_before)} | {human(s.macs_after)}{'*' if s.runs_folded else ''} |"
         )
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines += ["", "\\* " + FOLDED_NOTE.format(n=folded)]
+    grow = sum(not s.saves for s in report.sites)
+    if grow:
+        lines += ["", "! " + NO_SAVING_NOTE.format(n=grow)]
     fit = fit_summary(report)
     if fit:
         lines += ["", fit]

@@ -155,7 +155,7 @@ def test_outer_scope_weights_stay_in_the_main_graph_once(mode):
     """Issue 9: weights of the main graph read by If/Loop bodies were copied into every body,
     so the model grew while its sites saved parameters."""
     model = onnx_models.outer_scope_weights()
-    new, report = graphopt.rewrite(model, mode=mode)
+    new, report = graphopt.rewrite(model, mode=mode, min_channels_per_group=8)  # 4 groups 32->32
     verify(model, new)
     assert sorted(s.name for s in report.sites) == ["else_own_pw", "else_pw", "loop_pw"]
     homes = _initializer_homes(new)
@@ -313,3 +313,18 @@ def test_skip_slower_is_for_onnx_only():
 
     with pytest.raises(graphopt.GraphoptError, match="ONNX"):
         graphopt.rewrite(keras_models.pointwise_block(), skip_slower=True)
+
+
+def test_linear_mode_skips_a_site_that_saves_nothing_and_paper_mode_marks_it():
+    """Issue 9: Cin = F = 32 with two groups holds 1,088 parameters after, 1,056 before."""
+    model = onnx_models.single_site(32, 32)
+    new, report = graphopt.rewrite(model, mode="linear")
+    assert report.sites == [] and report.skipped[0].reason.startswith("no saving")
+    assert count_params(new) == count_params(model)
+    new, report = graphopt.rewrite(model, mode="paper")
+    (plan,) = report.sites
+    assert (plan.params_before, plan.params_after, plan.saves) == (1056, 1088, False)
+    assert plan.as_dict()["saves"] is False
+    assert "1.1k!" in report.to_text() and "1,088! |" in report.to_markdown()
+    _, report = graphopt.rewrite(onnx_models.single_site(64, 32), mode="linear")
+    assert report.sites[0].saves and report.sites[0].as_dict()["saves"] is True

@@ -38,8 +38,8 @@ def reports():
 def test_json_validates_and_is_versioned(reports, kind):
     data = json.loads(reports[kind].to_json())
     jsonschema.validate(data, SCHEMA)
-    assert data["schema_version"] == 1 and data["backend"] == kind
-    jsonschema.validate({"schema_version": 1, "models": [data, data]}, SCHEMA)
+    assert data["schema_version"] == 2 and data["backend"] == kind
+    jsonschema.validate({"schema_version": 2, "models": [data, data]}, SCHEMA)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**data, "totals": {**data["totals"], "params_after": -1}}, SCHEMA)
 

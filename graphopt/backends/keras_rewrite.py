@@ -161,6 +161,7 @@ class KerasRewrite:
                 min_channels_per_group=self.min_channels_per_group,
                 positions=_positions(layer, nodes),
                 l_norm_per_channel=_norm_per_channel(chain),
+                mode=self.mode,
             )
             if isinstance(plan, Skipped):
                 self.skipped.append(plan)

@@ -200,6 +200,7 @@ class _OnnxRewrite:
             min_channels_per_group=self.min_channels_per_group,
             positions=self._positions(conv.outputs[0].name),
             l_norm_per_channel=(4, 4) if has_bn else (0, 0),
+            mode=self.mode,
         )
         if isinstance(plan, Skipped):
             self.skipped.append(plan)
@@ -299,8 +300,8 @@ def _timed(plan: SitePlan, purpose: str, provider: str) -> float | None:
     """Speed of this site's replacement (linear mode, same groups) against the dense conv."""
     from graphopt.backends.onnx_timing import speed_ratio
 
-    def rewrite_alone(dense):
-        return rewrite_onnx(dense, "linear", plan.cin // plan.groups, 0, None)[0]
+    def rewrite_alone(dense):  # paper mode: it rewrites a site that saves nothing, too
+        return rewrite_onnx(dense, PAPER, plan.cin // plan.groups, 0, None)[0]
 
     return speed_ratio(plan, rewrite_alone, provider, purpose)
 
