@@ -81,15 +81,27 @@ def _parser() -> argparse.ArgumentParser:
         slower.add_argument(
             "--skip-slower",
             action="store_true",
-            help="ONNX: time each site in onnxruntime and leave those that would run slower "
-            "than the dense conv",
+            help="ONNX: time each site in onnxruntime (spinning off, threads pinned) and leave "
+            "those that would run slower than the dense conv",
         )
         slower.add_argument(
             "--fold-slower",
             action="store_true",
-            help="ONNX: time each site in onnxruntime; one that would run slower keeps its "
-            "grouped weights but runs as one dense conv onnxruntime folds from them at load "
-            "(left as it is when its branches are not linear)",
+            help="ONNX: time each site in onnxruntime (spinning off, threads pinned); one that "
+            "would run slower keeps its grouped weights but runs as one dense conv onnxruntime "
+            "folds from them at load (left as it is when its branches are not linear)",
+        )
+        p.add_argument(
+            "--latency",
+            nargs="?",
+            const=(1, 8, 32),
+            type=_batches,
+            metavar="BATCH,...",
+            help="time the original and the rewritten model in onnxruntime on --provider at "
+            "these batch sizes (default 1,8,32): runs interleaved, medians, worker threads' "
+            "spinning off and thread count pinned to the usable cores, as in every timing "
+            "pwgroup does; Keras models are timed through their tf2onnx export (export extra). "
+            "Write it after MODEL, or as --latency=1,8",
         )
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -139,6 +151,18 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive integer")
     return value
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected batch sizes like 1,8,32, not '{text}' (write --latency after MODEL)"
+        ) from None
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError("batch sizes must be positive")
+    return batches
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -256,6 +280,9 @@ def _run_one(graphopt, args, source: str, output: str | None):
 
         with step("checking in onnxruntime", show):
             verify(model, new_model, provider=args.provider)
+    if args.latency:
+        with step("timing in onnxruntime (--latency)", show):
+            report.latency = _latency(graphopt, args, kind, model, new_model)
     with step(f"saving {output}" if output else "measuring file sizes", show):
         report.totals.file_size_before = (
             os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
@@ -265,6 +292,19 @@ def _run_one(graphopt, args, source: str, output: str | None):
         else:
             report.totals.file_size_after = _size_when_saved(graphopt, new_model)
     return report
+
+
+def _latency(graphopt, args, kind: str, model, new_model) -> list:
+    """--latency: both models timed in onnxruntime (Keras ones through tf2onnx)."""
+    from graphopt.backends.onnx_timing import latency
+
+    if kind != "onnx":
+        with _silenced_stderr():  # tf2onnx logs through TensorFlow's C++ runtime
+            model, new_model = graphopt.export_onnx(model), graphopt.export_onnx(new_model)
+    timings, notes = latency(model, new_model, args.latency, args.provider)
+    for note in notes if not args.quiet else []:
+        print(f"pwgroup: note: --latency {note}", file=sys.stderr)
+    return timings
 
 
 def _export(graphopt, args, source: str) -> int:
@@ -288,12 +328,16 @@ def _check_runtime(graphopt, args, sources: list[str]) -> None:
         (f"--{w}-slower" for w in ("skip", "fold") if getattr(args, f"{w}_slower", False)), None
     )
     checking = not getattr(args, "no_verify", True)
-    if not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
+    if getattr(args, "latency", None):
+        timing = "--latency"  # Keras models too: they are timed through their ONNX export
+    elif not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
         return
     from graphopt import runtime
 
+    checking = checking and any(graphopt.model_kind(s) == "onnx" for s in sources)
+    what = "the models" if timing == "--latency" else "sites"
     ort = runtime.onnxruntime(
-        f"to time sites for {timing}"
+        f"to time {what} for {timing}"
         if timing and not checking
         else "to check rewritten ONNX models (--no-verify skips the check)"
     )

@@ -55,6 +55,8 @@ class Report:
     totals: Totals
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    latency: list | None = None
+    """--latency: onnx_timing.Latency per batch size (None when not measured)."""
 
     @property
     def site_macs_before(self) -> int | None:
@@ -113,6 +115,7 @@ class Report:
             "totals": totals,
             "sites": [s.as_dict() for s in self.sites],
             "skipped": [s.as_dict() for s in self.skipped],
+            **({"latency": [t.as_dict() for t in self.latency]} if self.latency else {}),
         }
 
     def to_json(self) -> str:
@@ -178,6 +181,22 @@ FOLDED_NOTE = "{n} folded: the file holds K and L; onnxruntime runs them as one 
 NO_SAVING_NOTE = "{n} save nothing (paper mode rewrites them as the paper did; linear skips them)"
 
 
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def latency_summary(report: Report) -> str:
+    """One line on --latency ("" without it): medians per batch size, rewritten/original."""
+    if not report.latency:
+        return ""
+    first = report.latency[0]
+    runs = ", ".join(
+        f"batch {t.batch} {_ms(t.original_ms)} -> {_ms(t.rewritten_ms)} ms ({t.ratio:.2f}x)"
+        for t in report.latency
+    )
+    return f"latency ({first.provider}, {first.threads} threads, no spinning): {runs}"
+
+
 def fit_summary(report: Report) -> str:
     """One line on the --init fit errors ("" without a fit)."""
     errors = sorted((s.fit_error, s.name) for s in report.sites if s.fit_error is not None)
@@ -224,6 +243,9 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
             lines.append(shorten_end(f"  {shorten(sk.name, 30)}: {sk.reason}", width))
     lines.append("")
     lines += _totals_lines(report, color)
+    timing = latency_summary(report)
+    if timing:
+        lines.append(timing)  # not shortened: the figures are the point
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +281,9 @@ def render_markdown(report: Report) -> str:
         b = "–" if before is None else f"{before:,}"
         a = "–" if after is None else f"{after:,}"
         lines.append(f"| {label} | {b} | {a} | {pct:.2f}% |")
+    timing = latency_summary(report)
+    if timing:
+        lines += ["", timing.replace("->", "→")]
     lines += [
         "",
         "<details><summary>Sites</summary>",

@@ -97,6 +97,10 @@ def _section(report: Report) -> str:
                 ]
             )
         )
+    for t in report.latency or []:  # --latency: onnxruntime, spinning off, threads pinned
+        label = f"latency ms, batch {t.batch} ({t.provider}, {t.threads} threads)"
+        saved = f"{100 * (1 - t.ratio):.2f}%"
+        parts.append(_row([label, f"{t.original_ms:.2f}", f"{t.rewritten_ms:.2f}", saved]))
     parts.append("</table>")
     png = chart_png(report)
     if png is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 
@@ -41,13 +43,15 @@ def interface(model: onnx.ModelProto) -> list[tuple]:
     return out
 
 
-def random_feed(model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8) -> dict:
-    """Random inputs for a session; dynamic dims get `dynamic` (1 for the leading batch)."""
+def random_feed(
+    model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8, batch: int = 1
+) -> dict:
+    """Random inputs for a session; dynamic dims get `dynamic` (`batch` for the leading one)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in session.get_inputs():
         shape = [
-            d if isinstance(d, int) and d > 0 else (1 if i == 0 else dynamic)
+            d if isinstance(d, int) and d > 0 else (batch if i == 0 else dynamic)
             for i, d in enumerate(inp.shape)
         ]
         dtype = {
@@ -67,19 +71,32 @@ def random_feed(model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8
     return feed
 
 
+def timing_threads() -> int:
+    """The intra-op thread count every timing uses: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def session(
     model: onnx.ModelProto,
     provider: str = "CPUExecutionProvider",
     purpose: str = "to run an ONNX model",
-    spinning: bool = True,
+    timing: bool = False,
 ):
-    """An onnxruntime session; `spinning=False` keeps idle worker threads from busy-waiting,
-    so that two sessions timed in turn do not slow each other down."""
+    """An onnxruntime session. Every session that is timed (`timing=True`) has its worker
+    threads' spinning off and a fixed thread count (`timing_threads`): otherwise the threads
+    of one session busy-wait after each run and steal the cores of the next session timed in
+    turn (NOTES.md: B0 at batch 1 read 15-25 ms with spinning, 9-11 ms without)."""
     ort = runtime.onnxruntime(purpose)
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    if not spinning:
+    if timing:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = timing_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
     if provider in available and provider != "CPUExecutionProvider":
