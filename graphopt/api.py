@@ -184,7 +184,7 @@ def save(model, path: str, source: str | None = None) -> int:
             raise OutputError(f"{path}: an ONNX model must be saved to a .onnx file")
         from graphopt.backends.onnx_io import save_onnx
 
-        save_onnx(model, path)
+        return save_onnx(model, path)
     else:
         if not path.endswith(".keras"):
             raise OutputError(f"{path}: a Keras model is saved as .keras; name the output *.keras")

@@ -204,3 +204,46 @@ def test_an_input_onnxruntime_cannot_load_is_the_input_s_fault(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(src) in err[0] and "cannot load the input model" in err[0]
     assert not out.exists()
+
+
+def test_large_model_path_end_to_end_without_touching_the_model(tmp_path, monkeypatch, capsys):
+    """Issue 9: models over 2 GB. With the threshold lowered, a small model takes the path a
+    large one does: checked from its file, shape inference without weights, verified in
+    onnxruntime from a file, saved with external data one tensor at a time, and an in-memory
+    model saved stays as it was (onnx.save_model moves a large model's data out of it)."""
+    import cli
+    from fixtures.onnx_models import write_large
+    from graphopt.backends import onnx_io
+
+    src = str(tmp_path / "in" / "big.onnx")
+    os.makedirs(os.path.dirname(src))
+    write_large(src, convs=3, channels=256)
+    monkeypatch.setattr(onnx_io, "_TWO_GB", 1000)
+    model = load_onnx(src)
+    new, report = graphopt.rewrite(model)
+    assert all(s.macs_before == 256 * 256 * 4 for s in report.sites)  # shapes were inferred
+    before = new.SerializeToString()
+    size = graphopt.save(new, str(tmp_path / "o.onnx"))
+    assert new.SerializeToString() == before
+    assert size == os.path.getsize(tmp_path / "o.onnx") + os.path.getsize(tmp_path / "o.onnx.data")
+    out = str(tmp_path / "out.onnx")
+    assert cli.main(["rewrite", src, "-o", out, "--quiet"]) == 0, capsys.readouterr().err
+    assert count_params(load_onnx(out)) == report.totals.params_after
+    assert os.path.exists(out + ".data")
+
+
+@pytest.mark.slow
+def test_a_model_over_2_gb_is_rewritten_checked_and_verified(tmp_path):
+    """Nine 8192 -> 8192 pointwise convs, 2.4 GB in one external data file."""
+    from fixtures.onnx_models import write_large
+
+    src = str(tmp_path / "big.onnx")
+    write_large(src)
+    assert os.path.getsize(src + ".data") > 2**31
+    out = str(tmp_path / "big.pwgroup.onnx")
+    proc = run_pwgroup("rewrite", src, "-o", out, "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["params_before"] == 9 * 8192 * 8192
+    assert len(report["sites"]) == 9
+    assert count_params(load_onnx(out)) == report["totals"]["params_after"]

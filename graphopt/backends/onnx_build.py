@@ -32,6 +32,19 @@ def constant_value(tensor) -> np.ndarray | None:
     return None
 
 
+def constant_spec(tensor) -> np.ndarray | None:
+    """A stand-in for a constant weight with its shape and dtype but none of its data (a
+    zero-stride view), so that deciding about a site reads no weights: a model over 2 GB stays
+    in memory once."""
+    if not isinstance(tensor, gs.Constant):
+        if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant":
+            return None
+        tensor = tensor.inputs[0].attrs.get("value")
+        if not isinstance(tensor, gs.Constant):
+            return None
+    return np.broadcast_to(np.zeros((), tensor.dtype), tuple(tensor.shape))
+
+
 def foldable(plan: SitePlan, chain) -> bool:
     """Whether a site is linear up to an elementwise activation after K (see
     `SiteBuilder.folded`): a pulled BatchNormalization, or anything pulled into L's branch, is

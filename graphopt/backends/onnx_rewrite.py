@@ -12,8 +12,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.backends.onnx_build import SiteBuilder, constant_value, foldable
-from graphopt.backends.onnx_io import count_params, iter_graphs
+from graphopt.backends.onnx_build import SiteBuilder, constant_spec, constant_value, foldable
+from graphopt.backends.onnx_io import (
+    count_params,
+    is_large,
+    iter_graphs,
+    shape_only,
+    without_weights,
+)
 from graphopt.backends.onnx_scopes import Scopes
 from graphopt.fit import fit_site
 from graphopt.plan import (
@@ -101,9 +107,11 @@ def _keep_identity(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Tensor name -> inferred shape (ints or None); empty when inference cannot run."""
+    """Tensor name -> inferred shape (ints or None); empty when inference cannot run. A model
+    over 2 GB is inferred without its weights' data (inference needs only their shapes)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        source = without_weights(model, shape_only) if is_large(model) else model
+        inferred = onnx.shape_inference.infer_shapes(source, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is a nicety (MACs); the rewrite needs none
         return {}
     shapes = {}
@@ -149,7 +157,7 @@ class _OnnxRewrite:
         for index, node in enumerate(list(graph.nodes)):
             if node.op != "Conv":
                 continue
-            weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+            weight = constant_spec(node.inputs[1]) if len(node.inputs) > 1 else None
             label = node.name or f"Conv_{index}"
             if weight is None or weight.ndim < 3:
                 if weight is None and _looks_pointwise(node):
@@ -220,7 +228,8 @@ class _OnnxRewrite:
             plan = dataclasses.replace(plan, runs_folded=True)
         weights: dict[str, list] = {}
         if self.init == FIT:
-            plan = self._fit(conv.name or label, plan, weight, bias, weights)
+            kernel = constant_value(conv.inputs[1])  # the data, only now that it is needed
+            plan = self._fit(conv.name or label, plan, kernel, bias, weights)
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._shared[key] = (plan, weights)

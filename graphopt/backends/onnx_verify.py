@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 import onnx
 
 from graphopt import runtime
+from graphopt.backends.onnx_io import is_large, save_onnx
 from graphopt.errors import InputError, InternalError
 
 _NP_TYPES = {
@@ -101,7 +104,28 @@ def session(
     providers = ["CPUExecutionProvider"]
     if provider in available and provider != "CPUExecutionProvider":
         providers.insert(0, provider)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    if not is_large(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with _on_disk(model) as path:  # protobuf cannot serialise it in one piece
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+@contextlib.contextmanager
+def _on_disk(model: onnx.ModelProto):
+    """The path of `model` saved (with external data) in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="pwgroup-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        save_onnx(model, path)
+        yield path
+
+
+def _checked(model: onnx.ModelProto) -> None:
+    """onnx.checker's full check, from a file for a model over 2 GB."""
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with _on_disk(model) as path:
+        onnx.checker.check_model(path, full_check=True)
 
 
 CHECK_PURPOSE = "to check the rewritten model (--no-verify skips the check)"
@@ -125,8 +149,8 @@ def verify(
     """Raise VerificationError unless `rewritten` passes the checker, keeps the interface of
     `original` and runs in onnxruntime with finite outputs of the original's shapes."""
     try:
-        onnx.checker.check_model(rewritten, full_check=True)
-    except onnx.checker.ValidationError as exc:
+        _checked(rewritten)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(
             f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}"
         ) from exc
