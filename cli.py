@@ -232,6 +232,15 @@ def _size_when_saved(graphopt, model) -> int:
         return graphopt.save(model, os.path.join(tmp, "model" + ext))
 
 
+def _size_on_disk(source: str, kind: str) -> int:
+    """The model file's size, with the external data files an ONNX model's weights are in."""
+    if kind != "onnx":
+        return os.path.getsize(source)
+    from graphopt.backends.onnx_io import external_data_size
+
+    return os.path.getsize(source) + external_data_size(source)
+
+
 def _write_text(path: str, text: str, inputs: list[str]) -> None:
     for source in inputs:
         if os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
@@ -285,7 +294,9 @@ def _run_one(graphopt, args, source: str, output: str | None):
             report.latency = _latency(graphopt, args, kind, model, new_model)
     with step(f"saving {output}" if output else "measuring file sizes", show):
         report.totals.file_size_before = (
-            os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
+            _size_on_disk(source, kind)
+            if kind != "application"
+            else _size_when_saved(graphopt, model)
         )
         if output is not None:
             report.totals.file_size_after = graphopt.save(new_model, output, source=source)

@@ -226,10 +226,13 @@ def test_large_model_path_end_to_end_without_touching_the_model(tmp_path, monkey
     size = graphopt.save(new, str(tmp_path / "o.onnx"))
     assert new.SerializeToString() == before
     assert size == os.path.getsize(tmp_path / "o.onnx") + os.path.getsize(tmp_path / "o.onnx.data")
-    out = str(tmp_path / "out.onnx")
-    assert cli.main(["rewrite", src, "-o", out, "--quiet"]) == 0, capsys.readouterr().err
+    out, json_path = str(tmp_path / "out.onnx"), tmp_path / "r.json"
+    argv = ["rewrite", src, "-o", out, "--quiet", "--json", str(json_path)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
     assert count_params(load_onnx(out)) == report.totals.params_after
     assert os.path.exists(out + ".data")
+    totals = __import__("json").loads(json_path.read_text())["totals"]
+    assert totals["file_size_before"] == os.path.getsize(src) + os.path.getsize(src + ".data")
 
 
 @pytest.mark.slow
@@ -247,3 +250,5 @@ def test_a_model_over_2_gb_is_rewritten_checked_and_verified(tmp_path):
     assert report["totals"]["params_before"] == 9 * 8192 * 8192
     assert len(report["sites"]) == 9
     assert count_params(load_onnx(out)) == report["totals"]["params_after"]
+    assert report["totals"]["file_size_before"] > 2**31  # the .data file counts
+    assert report["totals"]["file_size_after"] < report["totals"]["file_size_before"] // 100

@@ -115,6 +115,20 @@ def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
             )
 
 
+def external_data_size(path: str) -> int:
+    """Bytes of the external data files the ONNX model at `path` refers to (checked at load)."""
+    model = onnx.load(path, load_external_data=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {
+        e.value
+        for t in iter_tensors(model)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    return sum(os.path.getsize(os.path.join(folder, loc)) for loc in locations)
+
+
 def load_onnx(path: str) -> onnx.ModelProto:
     """Parse without external data, validate its locations, then read it."""
     try:
