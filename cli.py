@@ -1,6 +1,7 @@
 """`pwgroup`: argument parsing and exit codes only; the work is graphopt's.
 
-Exit codes: 0 success, 1 a reduction below --fail-under, 2 bad input or usage.
+Exit codes: 0 success, 1 a reduction below --fail-under (or a failed internal check: a
+pwgroup bug), 2 bad input or usage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import tempfile
 
 EXIT_OK, EXIT_BELOW_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BUG = 1  # a failed internal check; shares 1 with --fail-under, as CI treats both as failures
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,15 +81,27 @@ def _parser() -> argparse.ArgumentParser:
         slower.add_argument(
             "--skip-slower",
             action="store_true",
-            help="ONNX: time each site in onnxruntime and leave those that would run slower "
-            "than the dense conv",
+            help="ONNX: time each site in onnxruntime (spinning off, threads pinned) and leave "
+            "those that would run slower than the dense conv",
         )
         slower.add_argument(
             "--fold-slower",
             action="store_true",
-            help="ONNX: time each site in onnxruntime; one that would run slower keeps its "
-            "grouped weights but runs as one dense conv onnxruntime folds from them at load "
-            "(left as it is when its branches are not linear)",
+            help="ONNX: time each site in onnxruntime (spinning off, threads pinned); one that "
+            "would run slower keeps its grouped weights but runs as one dense conv onnxruntime "
+            "folds from them at load (left as it is when its branches are not linear)",
+        )
+        p.add_argument(
+            "--latency",
+            nargs="?",
+            const=(1, 8, 32),
+            type=_batches,
+            metavar="BATCH,...",
+            help="time the original and the rewritten model in onnxruntime on --provider at "
+            "these batch sizes (default 1,8,32): runs interleaved, medians, worker threads' "
+            "spinning off and thread count pinned to the usable cores, as in every timing "
+            "pwgroup does; Keras models are timed through their tf2onnx export (export extra). "
+            "Write it after MODEL, or as --latency=1,8",
         )
         _calibration_arguments(p)
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
@@ -197,6 +211,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected batch sizes like 1,8,32, not '{text}' (write --latency after MODEL)"
+        ) from None
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError("batch sizes must be positive")
+    return batches
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.split(","))
@@ -264,6 +290,15 @@ def _size_when_saved(graphopt, model) -> int:
         return graphopt.save(model, os.path.join(tmp, "model" + ext))
 
 
+def _size_on_disk(source: str, kind: str) -> int:
+    """The model file's size, with the external data files an ONNX model's weights are in."""
+    if kind != "onnx":
+        return os.path.getsize(source)
+    from graphopt.backends.onnx_io import external_data_size
+
+    return os.path.getsize(source) + external_data_size(source)
+
+
 def _write_text(path: str, text: str, inputs: list[str]) -> None:
     for source in inputs:
         if os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
@@ -324,9 +359,14 @@ def _run_one(graphopt, args, source: str, output: str | None):
 
         with step("checking in onnxruntime", show):
             verify(model, new_model, provider=args.provider)
+    if args.latency:
+        with step("timing in onnxruntime (--latency)", show):
+            report.latency = _latency(graphopt, args, kind, model, new_model)
     with step(f"saving {output}" if output else "measuring file sizes", show):
         report.totals.file_size_before = (
-            os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
+            _size_on_disk(source, kind)
+            if kind != "application"
+            else _size_when_saved(graphopt, model)
         )
         if output is not None:
             report.totals.file_size_after = graphopt.save(new_model, output, source=source)
@@ -337,6 +377,19 @@ def _run_one(graphopt, args, source: str, output: str | None):
 
 def _say(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _latency(graphopt, args, kind: str, model, new_model) -> list:
+    """--latency: both models timed in onnxruntime (Keras ones through tf2onnx)."""
+    from graphopt.backends.onnx_timing import latency
+
+    if kind != "onnx":
+        with _silenced_stderr():  # tf2onnx logs through TensorFlow's C++ runtime
+            model, new_model = graphopt.export_onnx(model), graphopt.export_onnx(new_model)
+    timings, notes = latency(model, new_model, args.latency, args.provider)
+    for note in notes if not args.quiet else []:
+        print(f"pwgroup: note: --latency {note}", file=sys.stderr)
+    return timings
 
 
 def _export(graphopt, args, source: str) -> int:
@@ -360,12 +413,16 @@ def _check_runtime(graphopt, args, sources: list[str]) -> None:
         (f"--{w}-slower" for w in ("skip", "fold") if getattr(args, f"{w}_slower", False)), None
     )
     checking = not getattr(args, "no_verify", True)
-    if not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
+    if getattr(args, "latency", None):
+        timing = "--latency"  # Keras models too: they are timed through their ONNX export
+    elif not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
         return
     from graphopt import runtime
 
+    checking = checking and any(graphopt.model_kind(s) == "onnx" for s in sources)
+    what = "the models" if timing == "--latency" else "sites"
     ort = runtime.onnxruntime(
-        f"to time sites for {timing}"
+        f"to time {what} for {timing}"
         if timing and not checking
         else "to check rewritten ONNX models (--no-verify skips the check)"
     )
@@ -434,10 +491,16 @@ def _main(args) -> int:
 
         _write_text(args.html, render_html(reports), sources)
     if args.fail_under is not None:
-        below = [r for r in reports if r.totals.reduction_pct < args.fail_under]
+        from graphopt.report import change
+
+        below = [
+            r
+            for r in reports
+            if r.totals.reduction_pct < args.fail_under or r.totals.reduction_pct < 0
+        ]
         for r in below:
             _fail(
-                f"{r.model}: trainable parameters reduced by {r.totals.reduction_pct:.2f}%, "
+                f"{r.model}: trainable parameters {change(r.totals.reduction_pct)}, "
                 f"below --fail-under {args.fail_under:g}%",
                 EXIT_BELOW_THRESHOLD,
             )
@@ -455,12 +518,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure becomes one line; --debug shows the traceback
         if args.debug:
             raise
-        from graphopt.errors import GraphoptError
+        from graphopt.errors import GraphoptError, InternalError
 
         models = args.model if isinstance(args.model, list) else [args.model]
         line = _one_line(exc)
         if not any(m in line for m in models):
             line = f"{', '.join(models)}: {line}"  # every message names the file
+        if isinstance(exc, InternalError):
+            return _fail(
+                f"internal error, a bug in pwgroup (nothing was written; please report it): {line}",
+                EXIT_BUG,
+            )
         if isinstance(exc, (GraphoptError, OSError)):
             return _fail(line)
         return _fail(

@@ -6,7 +6,7 @@ import functools
 import math
 import os
 
-from graphopt.errors import InputError, OutputError, UsageError
+from graphopt.errors import InputError, InternalError, OutputError, UsageError
 from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, FIT, INITS, LINEAR, MODES, Selection
 from graphopt.report import Report, Totals
 
@@ -112,7 +112,9 @@ def rewrite(
         kept = frozenset(s.name for s in first.sites[-keep_last:])
         selection = Selection(tuple(include), tuple(exclude), keep_last, kept)
     if calibration is None:
-        return backend(model, mode, min_channels_per_group, seed, name, selection)
+        new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
+        check_accounting(report)
+        return new_model, report
     from graphopt.calibrate import Calibration, Quality, Targets, measure
     from graphopt.data import load_samples
 
@@ -127,6 +129,7 @@ def rewrite(
     adapter = Adapter(model, mode, min_channels_per_group, seed, name)
     if not calibrating:
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
+        check_accounting(report)
         outputs = measure(adapter, new_model, held)
         report.quality = Quality(len(fit), len(held), False, outputs)
         return new_model, report
@@ -134,7 +137,9 @@ def rewrite(
     job = Calibration(
         adapter, fit, held, selection, min_channels_per_group, targets, progress or _silent, seed
     )
-    return job.run()
+    new_model, report = job.run()
+    check_accounting(report)
+    return new_model, report
 
 
 def _silent(_: str) -> None:
@@ -168,6 +173,19 @@ def _check_calibration_options(
     if needs_data and not calibrate:
         raise UsageError("accuracy targets and --groups auto need calibration, not --measure")
     return calibrate
+
+
+def check_accounting(report: Report) -> None:
+    """The model changes by exactly what its sites change (BN' included in its site); anything
+    else means the rewrite touched what it should not have, so the result must not be used."""
+    t = report.totals
+    changed = t.params_after - t.params_before
+    by_sites = sum(s.params_after - s.params_before for s in report.sites)
+    if changed != by_sites:
+        raise InternalError(
+            f"{report.model}: the rewritten model has {changed:+,} parameters but its sites "
+            f"account for {by_sites:+,}"
+        )
 
 
 def keras_counts(model) -> tuple[int, int]:
@@ -261,7 +279,7 @@ def save(model, path: str, source: str | None = None) -> int:
             raise OutputError(f"{path}: an ONNX model must be saved to a .onnx file")
         from graphopt.backends.onnx_io import save_onnx
 
-        save_onnx(model, path)
+        return save_onnx(model, path)
     else:
         if not path.endswith(".keras"):
             raise OutputError(f"{path}: a Keras model is saved as .keras; name the output *.keras")

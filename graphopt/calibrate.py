@@ -28,7 +28,7 @@ ROWS_PER_SITE = 16384
 """Positions kept per site for fitting (sampled evenly over samples), and as many again at most
 for the held-out check: memory stays bounded whatever the data and the feature maps."""
 PAPER_ROWS = 16384
-BATCH = 128
+BATCH = 32
 DEFAULT_SITE_ERROR = 0.1
 """--groups auto without --max-site-error nor agreement targets. With targets, every site error
 measured is tried as the bound, loosest first, and the first at which they hold is kept."""

@@ -99,6 +99,12 @@ class SitePlan:
         return self.k_params + self.l_params + self.l_norm_params
 
     @property
+    def saves(self) -> bool:
+        """Whether the replacement holds fewer parameters than the conv (SPEC: "Sites that save
+        nothing"); with Cin = F and two groups it does not."""
+        return self.params_after < self.params_before
+
+    @property
     def trainable_after(self) -> int:
         return self.k_params + self.l_params + self.l_norm_trainable
 
@@ -126,6 +132,7 @@ class SitePlan:
             "macs_after",
             "k_params",
             "l_params",
+            "saves",
         ):
             data[key] = getattr(self, key)
         return data
@@ -154,10 +161,12 @@ def plan_site(
     positions: int | None = None,
     l_norm_per_channel: tuple[int, int] = (0, 0),
     groups: int | None = None,
+    mode: str = PAPER,
 ) -> SitePlan | Skipped:
     """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN;
     `groups` overrides the rule's choice (a common divisor of cin and filters, see
-    `allowed_groups`)."""
+    `allowed_groups`). `linear` mode skips a site that saves nothing; `paper` mode rewrites it,
+    as the paper did."""
     if groups is None:
         groups = max_groups(cin, filters, min_channels_per_group)
     elif groups < 1 or cin % groups or filters % groups:
@@ -171,7 +180,7 @@ def plan_site(
         )
     has_l = cin >= filters
     norm_all, norm_trainable = l_norm_per_channel if has_l else (0, 0)
-    return SitePlan(
+    plan = SitePlan(
         name=name,
         cin=cin,
         filters=filters,
@@ -181,6 +190,14 @@ def plan_site(
         l_norm_params=norm_all * filters,
         l_norm_trainable=norm_trainable * filters,
     )
+    if mode == LINEAR and not plan.saves:
+        return Skipped(
+            name,
+            f"no saving ({plan.params_before:,} parameters before, {plan.params_after:,} after)",
+            cin,
+            filters,
+        )
+    return plan
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ import base64
 import html
 import io
 
-from graphopt.report import Report, human
+from graphopt.report import Report, change, human
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f0f0f0}
-.big{font-size:1.4em}.good{color:#1a7f37}.note{color:#666}img.chart{max-width:100%}
+.big{font-size:1.4em}.good{color:#1a7f37}.bad{color:#b35900}.note{color:#666}img.chart{max-width:100%}
 """
 
 
@@ -68,11 +68,17 @@ def _row(cells, header=False) -> str:
     return "<tr>" + "".join(out) + "</tr>"
 
 
+def _changed(pct: float) -> str:
+    """'reduced by <b>X%</b>', or 'grew by' for a model that grew (never a negative cut)."""
+    verb, value = change(pct).rsplit(" ", 1)
+    return f"{verb} <b class={'good' if pct >= 0 else 'bad'}>{value}</b>"
+
+
 def _section(report: Report) -> str:
     t = report.totals
     parts = [
         f"<h2>{html.escape(report.model)}</h2>",
-        f"<p class=big>Trainable parameters reduced by <b class=good>{t.reduction_pct:.2f}%</b>"
+        f"<p class=big>Trainable parameters {_changed(t.reduction_pct)}"
         f": {t.trainable_params_before:,} → {t.trainable_params_after:,}</p>",
         f"<p>{report.backend} model, {report.mode} mode, min {report.min_channels_per_group} "
         f"channels per group; {len(report.sites)} sites rewritten, {len(report.skipped)} "
@@ -91,6 +97,10 @@ def _section(report: Report) -> str:
                 ]
             )
         )
+    for t in report.latency or []:  # --latency: onnxruntime, spinning off, threads pinned
+        label = f"latency ms, batch {t.batch} ({t.provider}, {t.threads} threads)"
+        saved = f"{100 * (1 - t.ratio):.2f}%"
+        parts.append(_row([label, f"{t.original_ms:.2f}", f"{t.rewritten_ms:.2f}", saved]))
     parts.append("</table>")
     png = chart_png(report)
     if png is not None:

@@ -166,6 +166,7 @@ class KerasRewrite:
                 positions=_positions(layer, nodes),
                 l_norm_per_channel=_norm_per_channel(chain),
                 groups=self.selection.groups_for(name),
+                mode=self.mode,
             )
             if isinstance(plan, Skipped):
                 self.skipped.append(plan)
