@@ -325,6 +325,9 @@ def render_markdown(report: Report) -> str:
     timing = latency_summary(report)
     if timing:
         lines += ["", timing.replace("->", "→")]
+    quality = quality_lines(report)
+    if quality:
+        lines += ["", quality[0], ""] + [f"- {line.strip()}" for line in quality[1:]]
     lines += [
         "",
         "<details><summary>Sites</summary>",
@@ -348,9 +351,6 @@ def render_markdown(report: Report) -> str:
     fit = fit_summary(report)
     if fit:
         lines += ["", fit]
-    quality = quality_lines(report)
-    if quality:
-        lines += ["", quality[0], ""] + [f"- {line.strip()}" for line in quality[1:]]
     if report.skipped:
         lines += ["", "| skipped | reason |", "|---|---|"]
         lines += [f"| `{sk.name}` | {sk.reason} |" for sk in report.skipped]

@@ -98,6 +98,12 @@ def test_onnx_calibration_reduces_site_errors_and_verifies():
     assert report.quality.output_error < measured.quality.output_error
     assert [s.name for s in report.sites] == [s.name for s in measured.sites]
     assert all(s.site_error is not None for s in report.sites)
+    assert "relative error" in report.to_markdown().split("<details>")[0]
+    from graphopt.report_html import render_html
+
+    page = render_html([report])
+    assert "quality (calibrated on 30 samples" in page
+    assert 'alt="Parameters against agreement"' in page
 
 
 def test_options_that_need_data_say_so(trained):
