@@ -4,7 +4,7 @@ interleave implementations, --skip-slower and --fold-slower), plus each site in 
 against its dense original, grouped and folded.
 
 Usage: python benchmarks/onnx_b0.py [--size 224] [--repeat 10] [--provider CPUExecutionProvider]
-       [--no-sites]
+       [--no-sites] [--profile]
 """
 
 from __future__ import annotations
@@ -22,12 +22,33 @@ from timing import median_time
 import graphopt
 from graphopt.backends import onnx_build, onnx_rewrite, onnx_timing
 from graphopt.backends.onnx_io import load_onnx, save_onnx
-from graphopt.backends.onnx_verify import session, timing_threads
+from graphopt.backends.onnx_verify import session, session_options, timing_threads
 
 
 def make_session(model: onnx.ModelProto, provider: str):
     """pwgroup's own timing session: ORT_ENABLE_ALL, spinning off, threads pinned."""
     return session(model, provider, "to benchmark", timing=True)
+
+
+def kernel_time_by_op(model: onnx.ModelProto, provider: str, feed: dict, runs: int = 10):
+    """onnxruntime's own profile: kernel milliseconds per run by op type (where time goes)."""
+    import collections
+    import json
+
+    options = session_options()
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        s = session(model, provider, "to benchmark", timing=True, options=options)
+        for _ in range(runs):
+            s.run(None, feed)
+        with open(s.end_profiling()) as f:
+            events = json.load(f)
+    by_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return by_op
 
 
 def interleaved_medians(sessions: dict, feed: dict, repeat: int) -> dict:
@@ -51,6 +72,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--provider", default="CPUExecutionProvider")
     parser.add_argument("--no-sites", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel time by op type, original vs rewritten"
+    )
     args = parser.parse_args()
 
     model = keras.applications.EfficientNetB0(
@@ -103,6 +127,20 @@ def main() -> None:
         base = med["original"]
         line = ", ".join(f"{k} {v * 1000:.1f} ms ({v / base:.2f}x)" for k, v in med.items())
         print(f"batch {batch:2d}: {line}")
+        if args.profile:
+            before, after = (
+                kernel_time_by_op(variants[v], args.provider, {name: x})
+                for v in ("original", "rewritten/gather")
+            )
+            total = sum(before.values())
+            print(
+                f"  kernel ms by op, original -> rewritten/gather (share of original {total:.1f}):"
+            )
+            for op in sorted(set(before) | set(after), key=lambda k: -before[k] - after[k])[:8]:
+                print(
+                    f"    {op:20} {before[op]:8.2f} -> {after[op]:8.2f} "
+                    f"({(after[op] - before[op]) / total:+.1%})"
+                )
 
     if args.no_sites:
         return

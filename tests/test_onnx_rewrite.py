@@ -328,3 +328,14 @@ def test_linear_mode_skips_a_site_that_saves_nothing_and_paper_mode_marks_it():
     assert "1.1k!" in report.to_text() and "1,088! |" in report.to_markdown()
     _, report = graphopt.rewrite(onnx_models.single_site(64, 32), mode="linear")
     assert report.sites[0].saves and report.sites[0].as_dict()["saves"] is True
+
+
+def test_sibling_branches_weights_of_the_same_name_are_two_sites():
+    """Found while fixing issue 9: convs were matched to an earlier use by weight *name*, so
+    the else branch's own "W" got the then branch's new weights, which it cannot see."""
+    model = onnx_models.same_names_in_branches()
+    new, report = graphopt.rewrite(model)
+    assert sorted(s.name for s in report.sites) == ["else_pw", "then_pw"]
+    verify(model, new)
+    homes = _initializer_homes(new)
+    assert homes["then_pw_K_W"] == ["then"] and homes["else_pw_K_W"] == ["else"]

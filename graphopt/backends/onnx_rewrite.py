@@ -159,11 +159,14 @@ class _OnnxRewrite:
     removed_weights: set = field(default_factory=set)
     """Names of the weight initializers of replaced convs (they may go with them)."""
     _first_use: dict = field(default_factory=dict)
-    """(weight, bias) tensor names -> label of the first Conv that uses them."""
+    """(weight, bias) tensors (by identity: sibling If branches may each have their own
+    "W") -> label of the first Conv that uses them."""
+    _keys: list = field(default_factory=list)
+    """The tensors of those keys, kept alive so that their ids stay theirs."""
     scopes: Scopes | None = None
     """Which graph holds each weight (new K and L go where the weight they replace was)."""
     _shared: dict = field(default_factory=dict)
-    """(weight, bias) tensor names -> (plan, new constants) once that conv was replaced: a
+    """(weight, bias) tensors -> (plan, new constants) once that conv was replaced: a
     later Conv with the same weights (a layer called twice) gets the same new weights."""
 
     def __post_init__(self):
@@ -187,7 +190,8 @@ class _OnnxRewrite:
                     Skipped(label, f"already grouped ({node.attrs['group']} groups)")
                 )
                 continue
-            key = tuple(t.name for t in node.inputs[1:3])
+            key = tuple(id(t) for t in node.inputs[1:3])
+            self._keys.append(node.inputs[1:3])
             if key in self._first_use:
                 self._reuse(graph, node, key, label)
                 continue

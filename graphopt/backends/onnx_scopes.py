@@ -90,14 +90,14 @@ class Scopes:
         for scope, proto, name in zip(self.scopes, protos, names):
             proto.name = name
             used = scope.graph.tensors()
-            kept = []
-            for tensor in proto.initializer:
+            for i in reversed(range(len(proto.initializer))):  # only what moves is copied
+                tensor = proto.initializer[i]
                 home = self._homes.get(id(used.get(tensor.name)), (None, scope))[1]
-                copy = onnx.TensorProto()
-                copy.CopyFrom(tensor)
-                (kept if home is scope else moved.setdefault(id(home), [])).append(copy)
-            del proto.initializer[:]
-            proto.initializer.extend(kept)
+                if home is not scope:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(tensor)
+                    moved.setdefault(id(home), []).insert(0, copy)
+                    del proto.initializer[i]
         for scope, proto in zip(self.scopes, protos):
             present = {t.name for t in proto.initializer}
             for tensor in moved.get(id(scope), []) + [

@@ -82,18 +82,24 @@ def timing_threads() -> int:
         return os.cpu_count() or 1
 
 
+def session_options(purpose: str = "to run an ONNX model"):
+    """Fresh onnxruntime SessionOptions (for callers that add their own, e.g. profiling)."""
+    return runtime.onnxruntime(purpose).SessionOptions()
+
+
 def session(
     model: onnx.ModelProto,
     provider: str = "CPUExecutionProvider",
     purpose: str = "to run an ONNX model",
     timing: bool = False,
+    options=None,
 ):
     """An onnxruntime session. Every session that is timed (`timing=True`) has its worker
     threads' spinning off and a fixed thread count (`timing_threads`): otherwise the threads
     of one session busy-wait after each run and steal the cores of the next session timed in
     turn (NOTES.md: B0 at batch 1 read 15-25 ms with spinning, 9-11 ms without)."""
     ort = runtime.onnxruntime(purpose)
-    options = ort.SessionOptions()
+    options = options or ort.SessionOptions()
     options.log_severity_level = 4
     if timing:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
