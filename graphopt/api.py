@@ -36,6 +36,7 @@ def rewrite(
     fold_slower: bool = False,
     init: str = "scratch",
     provider: str = "CPUExecutionProvider",
+    dense_sequences: bool = False,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -48,6 +49,10 @@ def rewrite(
     reason; a folded one has `runs_folded`. `init` is "scratch" (fresh weights, the paper) or
     "fit" (linear mode: K and L fitted to the original kernel, relative error per site in
     `fit_error`). `provider` is the onnxruntime execution provider the sites are timed on.
+
+    Sites are 1x1 convolutions, the pointwise half of separable convolutions, and Dense layers
+    (ONNX: MatMul/Gemm with a 2-D weight) on the channel axis of rank-4/5 feature maps; with
+    `dense_sequences` also those on rank-3 inputs (sequences, transformer MLPs).
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -67,8 +72,8 @@ def rewrite(
         if skip_slower or fold_slower:
             flag = "skip_slower" if skip_slower else "fold_slower"
             raise UsageError(f"{flag} times sites in onnxruntime: it applies to ONNX models")
-        backend = functools.partial(_rewrite_keras, init=init)
-        planner = _rewrite_keras
+        backend = functools.partial(_rewrite_keras, init=init, dense_sequences=dense_sequences)
+        planner = functools.partial(_rewrite_keras, dense_sequences=dense_sequences)
     elif _is_onnx(model):
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
@@ -78,8 +83,10 @@ def rewrite(
             fold_slower=fold_slower,
             init=init,
             provider=provider,
+            dense_sequences=dense_sequences,
         )
-        planner = rewrite_onnx  # the sites and their order, without timing them
+        # the sites and their order, without timing them
+        planner = functools.partial(rewrite_onnx, dense_sequences=dense_sequences)
     else:
         raise UsageError(
             f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"
@@ -98,10 +105,19 @@ def keras_counts(model) -> tuple[int, int]:
     return int(model.count_params()), int(trainable)
 
 
-def _rewrite_keras(model, mode, min_channels_per_group, seed, name, selection, init="scratch"):
+def _rewrite_keras(
+    model,
+    mode,
+    min_channels_per_group,
+    seed,
+    name,
+    selection,
+    init="scratch",
+    dense_sequences=False,
+):
     from graphopt.backends.keras_rewrite import KerasRewrite
 
-    job = KerasRewrite(mode, min_channels_per_group, seed, selection, init)
+    job = KerasRewrite(mode, min_channels_per_group, seed, selection, init, dense_sequences)
     new_model = job.model(model)
     before, after = keras_counts(model), keras_counts(new_model)
     totals = Totals(before[0], after[0], before[1], after[1])

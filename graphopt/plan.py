@@ -16,6 +16,9 @@ MODES = (PAPER, LINEAR)
 SCRATCH = "scratch"
 FIT = "fit"
 INITS = (SCRATCH, FIT)
+KINDS = ("conv", "separable", "dense", "matmul")
+"""What a site was in the model: a 1x1 convolution, the pointwise half of a separable
+convolution, a Dense layer on a feature map's channel axis, or an ONNX MatMul/Gemm doing so."""
 DEFAULT_MIN_CHANNELS_PER_GROUP = 16
 
 
@@ -50,10 +53,12 @@ class SitePlan:
     """Parameters of the normalisation added for L in paper mode (0 when none)."""
     l_norm_trainable: int = 0
     runs_folded: bool = False
-    fit_error: float | None = None
-    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
     """ONNX, --fold-slower: the model holds K and L, but the site runs as one dense conv that
     onnxruntime computes from them when it loads the model (its MACs are the original's)."""
+    fit_error: float | None = None
+    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
+    kind: str = "conv"
+    """One of KINDS: the layer or node the site replaces (the rules are the same for all)."""
 
     @property
     def interleave_step(self) -> int:
@@ -140,6 +145,7 @@ def plan_site(
     min_channels_per_group: int = DEFAULT_MIN_CHANNELS_PER_GROUP,
     positions: int | None = None,
     l_norm_per_channel: tuple[int, int] = (0, 0),
+    kind: str = "conv",
 ) -> SitePlan | Skipped:
     """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN."""
     groups = max_groups(cin, filters, min_channels_per_group)
@@ -161,6 +167,7 @@ def plan_site(
         positions=positions,
         l_norm_params=norm_all * filters,
         l_norm_trainable=norm_trainable * filters,
+        kind=kind,
     )
 
 
