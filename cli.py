@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
             "grouped weights but runs as one dense conv onnxruntime folds from them at load "
             "(left as it is when its branches are not linear)",
         )
+        p.add_argument(
+            "--dense-sequences",
+            action="store_true",
+            help="also rewrite Dense (ONNX: MatMul/Gemm) layers on rank-3 inputs (sequences, "
+            "transformer MLPs); by default only those on rank-4/5 feature maps are sites",
+        )
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -248,6 +254,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             fold_slower=args.fold_slower,
             init=args.init,
             provider=args.provider,
+            dense_sequences=args.dense_sequences,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify
