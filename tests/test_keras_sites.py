@@ -147,3 +147,19 @@ def test_report_names_the_kind_of_each_site():
     assert max(len(line) for line in text.splitlines()) <= 80
     assert any(line.startswith("sep2d") and " sep " in line for line in text.splitlines())
     assert "| `dense3d` | dense |" in report.to_markdown()
+
+
+def _site_list(report) -> list[tuple]:
+    return sorted((s.cin, s.filters, s.groups, s.interleave_step, s.has_l) for s in report.sites)
+
+
+def test_tf2onnx_export_has_the_same_sites():
+    """Separable convs export as a depthwise Conv and a 1x1 Conv, Dense as Reshape -> MatMul
+    -> Reshape (Tensordot), exact GELU through Erf: the ONNX file has the Keras sites."""
+    model = keras_models.custom_cnn()
+    _, keras_report = graphopt.rewrite(model, dense_sequences=True)
+    exported = graphopt.export_onnx(model)
+    _, onnx_report = graphopt.rewrite(exported, dense_sequences=True)
+    assert _site_list(onnx_report) == _site_list(keras_report)
+    kinds = sorted(s.kind for s in onnx_report.sites)
+    assert kinds == ["conv", "conv", "matmul", "matmul", "matmul", "matmul"]
