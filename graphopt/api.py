@@ -37,6 +37,7 @@ def rewrite(
     init: str = "scratch",
     provider: str = "CPUExecutionProvider",
     dense_sequences: bool = False,
+    factory=None,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -53,6 +54,10 @@ def rewrite(
     Sites are 1x1 convolutions, the pointwise half of separable convolutions, and Dense layers
     (ONNX: MatMul/Gemm with a 2-D weight) on the channel axis of rank-4/5 feature maps; with
     `dense_sequences` also those on rank-3 inputs (sequences, transformer MLPs).
+
+    A subclassed keras.Model (hand-written `call`) is copied (its get_config/from_config, or
+    `factory()` when given) and each pointwise conv layer object it tracks is swapped for a
+    layer computing the site; see README, "Subclassed Keras models".
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -72,7 +77,9 @@ def rewrite(
         if skip_slower or fold_slower:
             flag = "skip_slower" if skip_slower else "fold_slower"
             raise UsageError(f"{flag} times sites in onnxruntime: it applies to ONNX models")
-        backend = functools.partial(_rewrite_keras, init=init, dense_sequences=dense_sequences)
+        backend = functools.partial(
+            _rewrite_keras, init=init, dense_sequences=dense_sequences, factory=factory
+        )
         planner = functools.partial(_rewrite_keras, dense_sequences=dense_sequences)
     elif _is_onnx(model):
         from graphopt.backends.onnx_rewrite import rewrite_onnx
@@ -114,17 +121,31 @@ def _rewrite_keras(
     selection,
     init="scratch",
     dense_sequences=False,
+    factory=None,
 ):
-    from graphopt.backends.keras_rewrite import KerasRewrite
+    from graphopt.backends.keras_rewrite import KerasRewrite, is_graph_model
 
     job = KerasRewrite(mode, min_channels_per_group, seed, selection, init, dense_sequences)
-    new_model = job.model(model)
+    if is_graph_model(model):
+        new_model = job.model(model)
+    else:
+        from graphopt.backends.keras_subclassed import rewrite_subclassed
+
+        new_model = rewrite_subclassed(model, job, factory)
     before, after = keras_counts(model), keras_counts(new_model)
     totals = Totals(before[0], after[0], before[1], after[1])
     report = Report(
         name or model.name, "keras", mode, min_channels_per_group, totals, job.sites, job.skipped
     )
     return new_model, report
+
+
+def register_rewritten(cls):
+    """Register the class of rewritten copies of the subclassed model class `cls`, so that a
+    saved one reloads with keras.models.load_model in a process that did not rewrite it."""
+    from graphopt.backends.keras_subclassed import rewritten_class
+
+    return rewritten_class(cls)
 
 
 def export_onnx(model, opset: int = 17):

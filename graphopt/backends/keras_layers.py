@@ -206,3 +206,75 @@ class ChannelInterleave(keras.layers.Layer):
         config = super().get_config()
         config.update(groups=self.groups, axis=self.axis)
         return config
+
+
+@keras.saving.register_keras_serializable(package="graphopt")
+class PointwiseSite(keras.layers.Layer):
+    """One whole site as a single layer (K, interleave, L, sum), called as the conv it replaces
+    was: what a subclassed model's hand-written `call` gets in place of its pointwise conv.
+    `paper`: the conv's own activation runs in both branches; otherwise after the sum."""
+
+    def __init__(self, conv: dict, groups: int, paper: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = dict(conv)
+        self.groups = int(groups)
+        self.paper = bool(paper)
+        filters, self.cin = self.conv["filters"], None
+        step = filters // self.groups
+        activation = self.conv.get("activation")
+        branch_act = activation if self.paper else None
+        common = {
+            key: self.conv[key]
+            for key in ("rank", "data_format", "use_bias", "kernel_initializer")
+            if key in self.conv
+        }
+        self.k = GroupedPointwiseConv(
+            filters,
+            self.groups,
+            strides=self.conv.get("strides", 1),
+            activation=branch_act,
+            name="k",
+            **common,
+        )
+        self.interleave = (
+            ChannelInterleave(self.groups, axis=self._axis, name="interleave") if step > 1 else None
+        )
+        self.l = None
+        self.after = None if self.paper else activations.get(activation)
+
+    @property
+    def _axis(self) -> int:
+        return -1 if self.conv.get("data_format", "channels_last") == "channels_last" else 1
+
+    def build(self, input_shape):
+        self.cin = int(input_shape[self._axis])
+        filters = self.conv["filters"]
+        self.k.build(input_shape)
+        out_shape = self.k.compute_output_shape(input_shape)
+        if self.interleave is not None:
+            self.interleave.build(out_shape)
+        if self.cin >= filters:
+            common = {
+                key: self.conv[key]
+                for key in ("rank", "data_format", "use_bias", "kernel_initializer")
+                if key in self.conv
+            }
+            activation = self.conv.get("activation") if self.paper else None
+            self.l = GroupedPointwiseConv(
+                filters, self.groups, activation=activation, name="l", **common
+            )
+            self.l.build(out_shape)
+
+    def call(self, inputs):
+        k_out = self.k(inputs)
+        mixed = self.interleave(k_out) if self.interleave is not None else k_out
+        out = mixed if self.l is None else k_out + self.l(mixed)
+        return out if self.after is None else self.after(out)
+
+    def compute_output_shape(self, input_shape):
+        return self.k.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(conv=self.conv, groups=self.groups, paper=self.paper)
+        return config

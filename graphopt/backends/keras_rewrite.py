@@ -141,7 +141,7 @@ class KerasRewrite:
         """A copy of a non-site operation (cached, so shared layers stay shared)."""
         if id(op) in clones:
             return clones[id(op)]
-        if isinstance(op, (keras.Sequential, keras.Model)) and _is_graph_model(op):
+        if isinstance(op, (keras.Sequential, keras.Model)) and is_graph_model(op):
             new = self.model(op, prefix=f"{prefix}{op.name}/")
         elif isinstance(op, keras.Model):
             self._skip_nested(op, prefix)
@@ -326,7 +326,7 @@ def _depthwise_half(sep):
 # ---- helpers over Keras' graph --------------------------------------------------------------
 
 
-def _is_graph_model(model) -> bool:
+def is_graph_model(model) -> bool:
     return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
 
 
