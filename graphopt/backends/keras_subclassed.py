@@ -63,7 +63,8 @@ def rewritten_class(cls: type) -> type:
         )
         sub.__module__ = cls.__module__
         sub.__qualname__ = f"Rewritten{cls.__qualname__}"
-        keras.saving.register_keras_serializable("graphopt_rewritten", cls.__name__)(sub)
+        name = f"{cls.__module__}.{cls.__qualname__}"  # two user classes may share a name
+        keras.saving.register_keras_serializable("graphopt_rewritten", name)(sub)
         _REWRITTEN[cls] = sub
     return _REWRITTEN[cls]
 
