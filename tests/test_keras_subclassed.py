@@ -31,12 +31,13 @@ class Block(keras.layers.Layer):
 class Head(keras.Model):
     def __init__(self, classes=10, **kwargs):
         super().__init__(**kwargs)
-        self.reduce = keras.layers.Conv2D(16, 1)
+        self.reduce = keras.layers.Conv2D(32, 1)
+        self.proj = keras.layers.Dense(64, activation="relu")  # on a feature map: a site
         self.pool = keras.layers.GlobalAveragePooling2D()
-        self.fc = keras.layers.Dense(classes)
+        self.fc = keras.layers.Dense(classes)  # on vectors: not a site
 
     def call(self, x):
-        return self.fc(self.pool(self.reduce(x)))
+        return self.fc(self.pool(self.proj(self.reduce(x))))
 
 
 @keras.saving.register_keras_serializable(package="tests")
@@ -44,13 +45,14 @@ class Net(keras.Model):
     def __init__(self, width=32, depth=2, classes=10, **kwargs):
         super().__init__(**kwargs)
         self.stem = keras.layers.Conv2D(width, 3, padding="same")
+        self.sep = keras.layers.SeparableConv2D(width, 3, padding="same", activation="relu")
         self.blocks = [Block(width) for _ in range(depth)]
         self.shared = keras.layers.Conv2D(width, 1)
         self.convs = {"mix": keras.layers.Conv2D(2 * width, 1, activation="relu")}
         self.head = Head(classes)
 
     def call(self, x):
-        x = self.stem(x)
+        x = self.sep(self.stem(x))
         for block in self.blocks:
             x = block(x)
         x = self.shared(self.shared(x))  # one layer, called twice
@@ -73,19 +75,30 @@ def _groups(cin, filters, m=16):
 
 
 def _pointwise(model):
-    """Every 1x1 conv layer object the model holds (each once), read from the layers."""
+    """(layer, Cin, F, bias) of every pointwise layer the model holds (each once): 1x1
+    Conv2D, the pointwise half of SeparableConv2D, Dense on a rank-4 input."""
     seen = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.Conv2D) and layer.kernel_size == (1, 1):
-            seen[id(layer)] = layer
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            cin = layer.depthwise_kernel.shape[-2] * layer.depth_multiplier
+        elif isinstance(layer, keras.layers.Conv2D) and layer.kernel_size == (1, 1):
+            cin = layer.kernel.shape[-2]
+        elif (
+            isinstance(layer, keras.layers.Dense)
+            and len(layer._build_shapes_dict["input_shape"]) == 4  # as Keras built it
+        ):
+            cin = layer.kernel.shape[0]
+        else:
+            continue
+        f = layer.units if isinstance(layer, keras.layers.Dense) else layer.filters
+        seen[id(layer)] = (layer, cin, f, layer.use_bias)
     return list(seen.values())
 
 
 def _expected_linear_count(model):
     total = model.count_params()
-    for conv in _pointwise(model):
-        cin, f = conv.kernel.shape[-2], conv.filters
-        n, b = _groups(cin, f), f if conv.use_bias else 0
+    for _, cin, f, bias in _pointwise(model):
+        n, b = _groups(cin, f), f if bias else 0
         if n > 1:
             total += cin * f // n + b + (f * f // n + b if cin >= f else 0) - (cin * f + b)
     return total
@@ -96,8 +109,9 @@ def test_sites_counts_and_the_original_untouched():
     weights = [w.copy() for w in net.get_weights()]
     new, report = graphopt.rewrite(net, mode="linear")
     assert type(new).__name__ == "Net" and isinstance(new, Net) and new is not net
-    assert len(report.sites) == 7  # 2 x (expand, project), shared, mix, head's reduce
-    assert all(s.kind == "conv" for s in report.sites)
+    # 2 x (expand, project), shared, mix, head's reduce; sep; head's proj
+    kinds = sorted(s.kind for s in report.sites)
+    assert kinds == ["conv"] * 7 + ["dense", "separable"]
     assert new.count_params() == _expected_linear_count(net)
     assert keras_counts(new) == (report.totals.params_after, report.totals.trainable_params_after)
     saved = sum(s.params_before - s.params_after for s in report.sites)
@@ -106,21 +120,24 @@ def test_sites_counts_and_the_original_untouched():
     assert type(new.blocks[1].project).__name__ == "PointwiseSite"
     assert type(new.convs["mix"]).__name__ == "PointwiseSite"
     assert type(new.head.reduce).__name__ == "PointwiseSite"
+    assert type(new.head.proj).__name__ == "PointwiseSite"
+    assert type(new.sep).__name__ == "PointwiseSite" and new.sep.depthwise is not None
     assert all(np.array_equal(a, b) for a, b in zip(weights, net.get_weights()))
-    assert all(isinstance(c, keras.layers.Conv2D) for c in _pointwise(net))
+    assert not any(type(c).__name__ == "PointwiseSite" for c, *_ in _pointwise(net))
     assert new(_x()).shape == (4, 10)
 
 
 def _site_shaped(model):
     """Kernels each site holds exactly (see tests/test_keras_sites.py)."""
     rng = np.random.default_rng(3)
-    for conv in _pointwise(model):
-        cin, f = conv.kernel.shape[-2], conv.filters
+    for layer, cin, f, _ in _pointwise(model):
         n = _groups(cin, f)
         k = rng.standard_normal((cin // n, f)).astype("float32") / np.sqrt(cin)
         l_zero = np.zeros((f // n, f), "float32") if cin >= f else None
         dense = linear_site(np.eye(cin, dtype="float32"), k, n, None, l_zero, None)
-        conv.kernel.assign(dense.reshape(conv.kernel.shape).astype("float32"))
+        separable = isinstance(layer, keras.layers.SeparableConv2D)
+        kernel = layer.pointwise_kernel if separable else layer.kernel
+        kernel.assign(dense.reshape(kernel.shape).astype("float32"))
 
 
 def test_linear_fit_keeps_the_outputs():

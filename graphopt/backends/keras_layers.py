@@ -210,71 +210,75 @@ class ChannelInterleave(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="graphopt")
 class PointwiseSite(keras.layers.Layer):
-    """One whole site as a single layer (K, interleave, L, sum), called as the conv it replaces
-    was: what a subclassed model's hand-written `call` gets in place of its pointwise conv.
-    `paper`: the conv's own activation runs in both branches; otherwise after the sum."""
+    """One whole site as a single layer (K, interleave, L, sum), called as the layer it
+    replaces was: what a subclassed model's hand-written `call` gets in place of a pointwise
+    conv, a Dense on a feature map, or a separable conv (then with its `depthwise` half first,
+    given as a DepthwiseConv1D/2D config). `paper`: the layer's own activation runs in both
+    branches; otherwise after the sum."""
 
-    def __init__(self, conv: dict, groups: int, paper: bool = False, **kwargs):
+    def __init__(self, conv: dict, groups: int, paper: bool = False, depthwise=None, **kwargs):
         super().__init__(**kwargs)
         self.conv = dict(conv)
         self.groups = int(groups)
         self.paper = bool(paper)
-        filters, self.cin = self.conv["filters"], None
-        step = filters // self.groups
+        self.depthwise_config = dict(depthwise) if depthwise else None
+        self.depthwise = None
+        if self.depthwise_config:
+            kind = {1: keras.layers.DepthwiseConv1D, 2: keras.layers.DepthwiseConv2D}
+            self.depthwise = kind[self.conv["rank"]](
+                **self.depthwise_config, use_bias=False, name="depthwise"
+            )
         activation = self.conv.get("activation")
-        branch_act = activation if self.paper else None
-        common = {
-            key: self.conv[key]
-            for key in ("rank", "data_format", "use_bias", "kernel_initializer")
-            if key in self.conv
-        }
-        self.k = GroupedPointwiseConv(
-            filters,
-            self.groups,
-            strides=self.conv.get("strides", 1),
-            activation=branch_act,
-            name="k",
-            **common,
-        )
-        self.interleave = (
-            ChannelInterleave(self.groups, axis=self._axis, name="interleave") if step > 1 else None
-        )
+        self.k = self._grouped("k", self.conv.get("strides", 1))
+        step = self.conv["filters"] // self.groups
+        self.interleave = None
+        if step > 1:
+            self.interleave = ChannelInterleave(self.groups, axis=self._axis, name="interleave")
         self.l = None
         self.after = None if self.paper else activations.get(activation)
+
+    def _grouped(self, name: str, strides):
+        keys = ("rank", "data_format", "use_bias", "kernel_initializer")
+        return GroupedPointwiseConv(
+            self.conv["filters"],
+            self.groups,
+            strides=strides,
+            activation=self.conv.get("activation") if self.paper else None,
+            name=name,
+            **{key: self.conv[key] for key in keys if key in self.conv},
+        )
 
     @property
     def _axis(self) -> int:
         return -1 if self.conv.get("data_format", "channels_last") == "channels_last" else 1
 
     def build(self, input_shape):
-        self.cin = int(input_shape[self._axis])
-        filters = self.conv["filters"]
+        if self.depthwise is not None:
+            self.depthwise.build(input_shape)
+            input_shape = self.depthwise.compute_output_shape(input_shape)
         self.k.build(input_shape)
         out_shape = self.k.compute_output_shape(input_shape)
         if self.interleave is not None:
             self.interleave.build(out_shape)
-        if self.cin >= filters:
-            common = {
-                key: self.conv[key]
-                for key in ("rank", "data_format", "use_bias", "kernel_initializer")
-                if key in self.conv
-            }
-            activation = self.conv.get("activation") if self.paper else None
-            self.l = GroupedPointwiseConv(
-                filters, self.groups, activation=activation, name="l", **common
-            )
+        if int(input_shape[self._axis]) >= self.conv["filters"]:
+            self.l = self._grouped("l", 1)
             self.l.build(out_shape)
 
     def call(self, inputs):
-        k_out = self.k(inputs)
+        x = inputs if self.depthwise is None else self.depthwise(inputs)
+        k_out = self.k(x)
         mixed = self.interleave(k_out) if self.interleave is not None else k_out
         out = mixed if self.l is None else k_out + self.l(mixed)
         return out if self.after is None else self.after(out)
 
     def compute_output_shape(self, input_shape):
+        if self.depthwise is not None:
+            input_shape = self.depthwise.compute_output_shape(input_shape)
         return self.k.compute_output_shape(input_shape)
 
     def get_config(self):
         config = super().get_config()
-        config.update(conv=self.conv, groups=self.groups, paper=self.paper)
+        config.update(
+            conv=self.conv, groups=self.groups, paper=self.paper, depthwise=self.depthwise_config
+        )
         return config

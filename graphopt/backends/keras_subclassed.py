@@ -74,6 +74,7 @@ class _Options:
     mode: str
     min_channels_per_group: int
     seed: int = 0
+    dense_sequences: bool = False
     exclude: tuple = ()
     """Site names left as they are (everything the selection skipped on the first rewrite)."""
 
@@ -87,7 +88,7 @@ def rewrite_subclassed(model, job, factory=None):
     copy = _copy(model, factory)
     skipped: list[Skipped] = []
     sites = []
-    options = _Options(job.mode, job.min_channels_per_group, job.seed)
+    options = _Options(job.mode, job.min_channels_per_group, job.seed, job.dense_sequences)
     _replace_sites(copy, options, sites, skipped, job.selection, job.init == FIT)
     options.exclude = tuple(s.name for s in skipped)
     copy._graphopt_rewrite = dataclasses.asdict(options)
@@ -139,7 +140,7 @@ def _run_once(model, build_config) -> None:
 
 def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit=False):
     """Swap every pointwise conv among `model`'s tracked layers for a PointwiseSite."""
-    from graphopt.backends.keras_rewrite import is_pointwise
+    from graphopt.backends.keras_rewrite import site_kind
 
     selection = selection or Selection(exclude=options.exclude)
     layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
@@ -151,7 +152,10 @@ def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit
     }
     new_for: dict[int, object] = {}
     for layer in layers:
-        if not is_pointwise(layer) or id(layer) in new_for:
+        shape = (getattr(layer, "_build_shapes_dict", None) or {}).get("input_shape")
+        ranks = [len(shape)] if shape else []
+        kind = site_kind(layer, ranks, options.dense_sequences)
+        if kind is None or id(layer) in new_for:
             continue
         if id(layer) in in_graphs:  # its model's graph calls it: swapping would not reach it
             skipped.append(
@@ -162,71 +166,92 @@ def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit
         if reason:
             skipped.append(Skipped(layer.name, reason))
             continue
-        site = _site(layer, options, sites, skipped, fit)
+        site = _site(layer, kind, shape, options, sites, skipped, fit)
         if site is not None:
             new_for[id(layer)] = site
     for parent in layers:
         _swap_in(parent, new_for)
 
 
-def _site(conv, options: _Options, sites, skipped, fit: bool):
-    shape = (conv._build_shapes_dict or {}).get("input_shape")
-    cin, filters = int(conv.kernel.shape[-2]), int(conv.kernel.shape[-1])
+def _site(layer, kind: str, shape, options: _Options, sites, skipped, fit: bool):
+    """The PointwiseSite replacing `layer` (None when the group rule leaves it)."""
+    from graphopt.backends.keras_rewrite import pointwise_kernel
+
+    kernel = pointwise_kernel(layer)
+    cin, filters = int(kernel.shape[-2]), int(kernel.shape[-1])
     plan = plan_site(
-        conv.name,
+        layer.name,
         cin,
         filters,
-        use_bias=conv.use_bias,
+        use_bias=layer.use_bias,
         min_channels_per_group=options.min_channels_per_group,
-        positions=_positions(conv, shape),
+        positions=_positions(layer, kind, shape),
+        kind=kind,
     )
     if isinstance(plan, Skipped):
         skipped.append(plan)
         return None
     fitted = None
     if fit:
-        kernel = keras.ops.convert_to_numpy(conv.kernel).reshape(cin, filters).T
-        bias = keras.ops.convert_to_numpy(conv.bias) if conv.use_bias else None
-        fitted = fit_site(kernel, plan, bias)
+        weight = keras.ops.convert_to_numpy(kernel).reshape(cin, filters).T
+        bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+        fitted = fit_site(weight, plan, bias)
         plan = dataclasses.replace(plan, fit_error=fitted.error)
     seed = options.seed * 1_000_003 + len(sites)
+    dense = kind == "dense"
     site = PointwiseSite(
         {
             "filters": filters,
-            "rank": conv.rank,
-            "strides": list(conv.strides),
-            "data_format": conv.data_format,
-            "use_bias": conv.use_bias,
-            "activation": keras.activations.serialize(conv.activation),
+            "rank": len(shape) - 2 if dense else layer.rank,
+            "strides": list(layer.strides) if kind == "conv" else 1,
+            "data_format": "channels_last" if dense else layer.data_format,
+            "use_bias": layer.use_bias,
+            "activation": keras.activations.serialize(layer.activation),
             "kernel_initializer": keras.initializers.serialize(
                 keras.initializers.GlorotUniform(seed=seed)
             ),
         },
         plan.groups,
         paper=options.mode == PAPER,
-        name=conv.name,
-        dtype=conv.dtype_policy,
+        depthwise=_depthwise_config(layer) if kind == "separable" else None,
+        name=layer.name,
+        dtype=layer.dtype_policy,
     )
     site.build(shape)
+    if site.depthwise is not None:
+        site.depthwise.set_weights([keras.ops.convert_to_numpy(layer.depthwise_kernel)])
     if fitted is not None:
-        for layer, kernel, bias in (
-            (site.k, fitted.kw, fitted.k_bias),
-            (site.l, fitted.lw, fitted.l_bias),
-        ):
-            if layer is not None:
-                weights = [kernel.T.reshape(tuple(layer.kernel.shape))]
-                layer.set_weights(weights + ([bias] if layer.use_bias else []))
+        pairs = ((site.k, fitted.kw, fitted.k_bias), (site.l, fitted.lw, fitted.l_bias))
+        for part, weight, bias in pairs:
+            if part is not None:
+                weights = [weight.T.reshape(tuple(part.kernel.shape))]
+                part.set_weights(weights + ([bias] if part.use_bias else []))
     sites.append(plan)
     return site
 
 
-def _positions(conv, shape) -> int | None:
-    if shape is None:
+def _depthwise_config(sep) -> dict:
+    return {
+        "kernel_size": list(sep.kernel_size),
+        "strides": list(sep.strides),
+        "padding": sep.padding,
+        "depth_multiplier": sep.depth_multiplier,
+        "data_format": sep.data_format,
+        "dilation_rate": list(sep.dilation_rate),
+    }
+
+
+def _positions(layer, kind: str, shape) -> int | None:
+    """Output positions per sample of a conv or Dense site (None for a separable conv, whose
+    depthwise half sets them, or when the shape is open)."""
+    if shape is None or kind == "separable":
         return None
-    spatial = shape[1:-1] if conv.data_format == "channels_last" else shape[2:]
+    channels_last = kind == "dense" or layer.data_format == "channels_last"
+    spatial = shape[1:-1] if channels_last else shape[2:]
     if any(d is None for d in spatial):
         return None
-    return math.prod((d + s - 1) // s for d, s in zip(spatial, conv.strides))
+    strides = (1,) * len(spatial) if kind == "dense" else layer.strides
+    return math.prod((d + s - 1) // s for d, s in zip(spatial, strides))
 
 
 def _swap_in(parent, new_for: dict) -> None:
