@@ -102,3 +102,28 @@ def test_linear_matmul_sites_compute_what_the_reference_computes(init):
     (want,) = ref.run(None, feed)
     (got,) = session(new).run(None, feed)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_dense_sequences_and_the_json_kind(tmp_path):
+    import json
+
+    import jsonschema
+
+    from graphopt.report import SCHEMA_PATH
+    from tests.conftest import run_pwgroup
+
+    path = str(tmp_path / "convnext_style.onnx")
+    onnx.save(onnx_models.convnext_style(), path)
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        schema = json.load(f)
+    counts = {}
+    for flags in ([], ["--dense-sequences"]):
+        out = str(tmp_path / f"report{len(flags)}.json")
+        done = run_pwgroup("report", path, "--json", out, "--quiet", *flags)
+        assert done.returncode == 0, done.stderr
+        with open(out, encoding="utf-8") as f:
+            data = json.load(f)
+        jsonschema.validate(data, schema)
+        assert {s["kind"] for s in data["sites"]} == {"matmul"}
+        counts[bool(flags)] = len(data["sites"])
+    assert counts == {False: 3, True: 5}
