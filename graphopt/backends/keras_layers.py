@@ -113,7 +113,16 @@ class GroupedPointwiseConv(keras.layers.Layer):
         """The framework's grouped convolution, for export only (tf2onnx makes a grouped Conv)."""
         import tensorflow as tf
 
-        return tf.nn.convolution(x, self.kernel, strides=list(self.strides), padding="VALID")
+        if self.rank != 3:
+            return tf.nn.convolution(x, self.kernel, strides=list(self.strides), padding="VALID")
+        # tf2onnx gives a grouped Conv3D group 1 (an invalid model): a pointwise conv treats
+        # positions alike, so run it as a 2-D one over (D, H*W) and put the shape back.
+        x = x[(slice(None),) + tuple(slice(None, None, s) for s in self.strides)]
+        shape = tf.shape(x)
+        flat = tf.reshape(x, tf.stack([shape[0], shape[1], shape[2] * shape[3], shape[4]]))
+        kernel = tf.reshape(self.kernel, (1, 1) + tuple(self.kernel.shape[-2:]))
+        y = tf.nn.convolution(flat, kernel, padding="VALID")
+        return tf.reshape(y, tf.stack([shape[0], shape[1], shape[2], shape[3], self.filters]))
 
     def call(self, inputs):
         x = inputs
