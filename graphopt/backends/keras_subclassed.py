@@ -89,10 +89,18 @@ def rewrite_subclassed(model, job, factory=None):
     skipped: list[Skipped] = []
     sites = []
     options = _Options(job.mode, job.min_channels_per_group, job.seed, job.dense_sequences)
-    _replace_sites(copy, options, sites, skipped, job.selection, job.init == FIT)
-    options.exclude = tuple(s.name for s in skipped)
+    selected_out = _replace_sites(copy, options, sites, skipped, job.selection, job.init == FIT)
+    # only what the user's selection left out (by name): the group rule decides again on
+    # reload by itself
+    options.exclude = tuple(s.name for s in skipped if s.name in selected_out)
     copy._graphopt_rewrite = dataclasses.asdict(options)
-    _run_once(copy, model.get_build_config())
+    try:
+        _run_once(copy, model.get_build_config())
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UnsupportedModelError(
+            f"subclassed model '{model.name}': its call() fails once its pointwise layers are "
+            f"swapped for sites (does it read the layers' attributes?): {exc}"
+        ) from exc
     job.sites.extend(sites)
     job.skipped.extend(skipped)
     return copy
@@ -138,8 +146,9 @@ def _run_once(model, build_config) -> None:
     model(keras.tree.map_shape_structure(zeros, shapes) if nested else zeros(shapes))
 
 
-def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit=False):
-    """Swap every pointwise conv among `model`'s tracked layers for a PointwiseSite."""
+def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit=False) -> set:
+    """Swap every pointwise layer among `model`'s tracked layers for a PointwiseSite; return
+    the names the selection left out."""
     from graphopt.backends.keras_rewrite import site_kind
 
     selection = selection or Selection(exclude=options.exclude)
@@ -151,6 +160,7 @@ def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit
         for inner in layer._flatten_layers(include_self=False, recursive=True)
     }
     new_for: dict[int, object] = {}
+    selected_out: set[str] = set()
     for layer in layers:
         shape = (getattr(layer, "_build_shapes_dict", None) or {}).get("input_shape")
         ranks = [len(shape)] if shape else []
@@ -165,12 +175,14 @@ def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit
         reason = selection.skip_reason(layer.name)
         if reason:
             skipped.append(Skipped(layer.name, reason))
+            selected_out.add(layer.name)
             continue
         site = _site(layer, kind, shape, options, sites, skipped, fit)
         if site is not None:
             new_for[id(layer)] = site
     for parent in layers:
         _swap_in(parent, new_for)
+    return selected_out
 
 
 def _site(layer, kind: str, shape, options: _Options, sites, skipped, fit: bool):
