@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
             "Write it after MODEL, or as --latency=1,8",
         )
         _calibration_arguments(p)
+        p.add_argument(
+            "--dense-sequences",
+            action="store_true",
+            help="also rewrite Dense (ONNX: MatMul/Gemm) layers on rank-3 inputs (sequences, "
+            "transformer MLPs); by default only those on rank-4/5 feature maps are sites",
+        )
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -353,6 +359,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             held_out=args.held_out,
             preprocess=args.preprocess,
             progress=_say if show else None,
+            dense_sequences=args.dense_sequences,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify

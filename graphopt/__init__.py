@@ -12,7 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Registers GroupedPointwiseConv and ChannelInterleave, so that a rewritten model saved as
 # .keras reloads with keras.models.load_model once graphopt is imported.
 import graphopt.backends.keras_layers  # noqa: E402,F401
-from graphopt.api import export_onnx, load, model_kind, rewrite, save  # noqa: E402
+from graphopt.api import (  # noqa: E402
+    export_onnx,
+    load,
+    model_kind,
+    register_rewritten,
+    rewrite,
+    save,
+)
 from graphopt.errors import GraphoptError, InternalError  # noqa: E402
 from graphopt.plan import SitePlan, Skipped, max_groups, plan_site  # noqa: E402
 from graphopt.report import Report, Totals  # noqa: E402
@@ -32,6 +39,7 @@ __all__ = [
     "max_groups",
     "model_kind",
     "plan_site",
+    "register_rewritten",
     "rewrite",
     "save",
 ]

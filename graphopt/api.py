@@ -6,7 +6,13 @@ import functools
 import math
 import os
 
-from graphopt.errors import InputError, InternalError, OutputError, UsageError
+from graphopt.errors import (
+    InputError,
+    InternalError,
+    OutputError,
+    UnsupportedModelError,
+    UsageError,
+)
 from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, FIT, INITS, LINEAR, MODES, Selection
 from graphopt.report import Report, Totals
 
@@ -45,6 +51,8 @@ def rewrite(
     held_out: float = 0.25,
     preprocess: str = "0..1",
     progress=None,
+    dense_sequences: bool = False,
+    factory=None,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -67,6 +75,14 @@ def rewrite(
     reason; a folded one has `runs_folded`. `init` is "scratch" (fresh weights, the paper) or
     "fit" (linear mode: K and L fitted to the original kernel, relative error per site in
     `fit_error`). `provider` is the onnxruntime execution provider the sites are timed on.
+
+    Sites are 1x1 convolutions, the pointwise half of separable convolutions, and Dense layers
+    (ONNX: MatMul/Gemm with a 2-D weight) on the channel axis of rank-4/5 feature maps; with
+    `dense_sequences` also those on rank-3 inputs (sequences, transformer MLPs).
+
+    A subclassed keras.Model (hand-written `call`) is copied (its get_config/from_config, or
+    `factory()` when given) and each pointwise conv layer object it tracks is swapped for a
+    layer computing the site; see README, "Subclassed Keras models".
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -89,8 +105,10 @@ def rewrite(
         if skip_slower or fold_slower:
             flag = "skip_slower" if skip_slower else "fold_slower"
             raise UsageError(f"{flag} times sites in onnxruntime: it applies to ONNX models")
-        backend = functools.partial(_rewrite_keras, init=init)
-        planner = _rewrite_keras
+        backend = functools.partial(
+            _rewrite_keras, init=init, dense_sequences=dense_sequences, factory=factory
+        )
+        planner = functools.partial(_rewrite_keras, dense_sequences=dense_sequences)
     elif _is_onnx(model):
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
@@ -100,8 +118,10 @@ def rewrite(
             fold_slower=fold_slower,
             init=init,
             provider=provider,
+            dense_sequences=dense_sequences,
         )
-        planner = rewrite_onnx  # the sites and their order, without timing them
+        # the sites and their order, without timing them
+        planner = functools.partial(rewrite_onnx, dense_sequences=dense_sequences)
     else:
         raise UsageError(
             f"cannot rewrite a {type(model).__name__}: give a keras.Model or an onnx.ModelProto"
@@ -121,12 +141,19 @@ def rewrite(
     if _is_keras(model):
         from graphopt.backends.keras_calib import KerasCalibration as Adapter
         from graphopt.backends.keras_io import input_specs
+        from graphopt.backends.keras_rewrite import is_graph_model
+
+        if not is_graph_model(model):
+            raise UnsupportedModelError(
+                f"model '{model.name}' is a subclassed Keras model: calibration reads sites' "
+                "inputs through the functional graph, which it has not"
+            )
     else:
         from graphopt.backends.onnx_calib import OnnxCalibration as Adapter
         from graphopt.backends.onnx_io import input_specs
     samples = load_samples(calibration, input_specs(model), preprocess=preprocess)
     fit, held = samples.split(held_out, seed)
-    adapter = Adapter(model, mode, min_channels_per_group, seed, name)
+    adapter = Adapter(model, mode, min_channels_per_group, seed, name, dense_sequences)
     if not calibrating:
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
         check_accounting(report)
@@ -204,13 +231,28 @@ def _rewrite_keras(
     init="scratch",
     weights=None,
     found: dict | None = None,
+    dense_sequences=False,
+    factory=None,
 ):
     """The Keras rewrite; `weights` (site name -> Fitted) are given K/L, `found` receives
     what the rewrite found of each site (see KerasRewrite.found)."""
-    from graphopt.backends.keras_rewrite import KerasRewrite
+    from graphopt.backends.keras_rewrite import KerasRewrite, is_graph_model
 
-    job = KerasRewrite(mode, min_channels_per_group, seed, selection, init, dict(weights or {}))
-    new_model = job.model(model)
+    job = KerasRewrite(
+        mode,
+        min_channels_per_group,
+        seed,
+        selection,
+        init,
+        weights=dict(weights or {}),
+        dense_sequences=dense_sequences,
+    )
+    if is_graph_model(model):
+        new_model = job.model(model)
+    else:
+        from graphopt.backends.keras_subclassed import rewrite_subclassed
+
+        new_model = rewrite_subclassed(model, job, factory)
     if found is not None:
         found.update(job.found)
     before, after = keras_counts(model), keras_counts(new_model)
@@ -219,6 +261,14 @@ def _rewrite_keras(
         name or model.name, "keras", mode, min_channels_per_group, totals, job.sites, job.skipped
     )
     return new_model, report
+
+
+def register_rewritten(cls):
+    """Register the class of rewritten copies of the subclassed model class `cls`, so that a
+    saved one reloads with keras.models.load_model in a process that did not rewrite it."""
+    from graphopt.backends.keras_subclassed import rewritten_class
+
+    return rewritten_class(cls)
 
 
 def export_onnx(model, opset: int = 17):

@@ -16,6 +16,9 @@ MODES = (PAPER, LINEAR)
 SCRATCH = "scratch"
 FIT = "fit"
 INITS = (SCRATCH, FIT)
+KINDS = ("conv", "separable", "dense", "matmul")
+"""What a site was in the model: a 1x1 convolution, the pointwise half of a separable
+convolution, a Dense layer on a feature map's channel axis, or an ONNX MatMul/Gemm doing so."""
 DEFAULT_MIN_CHANNELS_PER_GROUP = 16
 
 
@@ -67,6 +70,8 @@ class SitePlan:
     calibrated_on: str | None = None
     """--calibrate: whose activations the site was fitted on, "original" or "rewritten" (the
     rewritten prefix), whichever gave the smaller held-out error."""
+    kind: str = "conv"
+    """One of KINDS: the layer or node the site replaces (the rules are the same for all)."""
 
     @property
     def interleave_step(self) -> int:
@@ -162,6 +167,7 @@ def plan_site(
     l_norm_per_channel: tuple[int, int] = (0, 0),
     groups: int | None = None,
     mode: str = PAPER,
+    kind: str = "conv",
 ) -> SitePlan | Skipped:
     """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN;
     `groups` overrides the rule's choice (a common divisor of cin and filters, see
@@ -189,6 +195,7 @@ def plan_site(
         positions=positions,
         l_norm_params=norm_all * filters,
         l_norm_trainable=norm_trainable * filters,
+        kind=kind,
     )
     if mode == LINEAR and not plan.saves:
         return Skipped(

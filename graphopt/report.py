@@ -166,6 +166,13 @@ def shorten_end(text: str, width: int) -> str:
 
 
 _COLUMNS = ("Cin", "F", "N", "step", "L", "params", "after", "MACs", "after")
+_KIND_LABELS = {"conv": "conv", "separable": "sep", "dense": "dense", "matmul": "mm"}
+KIND_NOTE = "kind: sep = pointwise half of a separable conv, mm = MatMul/Gemm"
+
+
+def _shows_kind(report: Report) -> bool:
+    """The kind column appears only when some site is not a plain 1x1 conv."""
+    return any(s.kind != "conv" for s in report.sites)
 
 
 def _site_row(s: SitePlan) -> tuple:
@@ -256,18 +263,24 @@ def _paint(text: str, code: str, color: bool) -> str:
 def render_text(report: Report, width: int = 80, color: bool = False) -> str:
     """The terminal table: fits `width` columns (long names keep both ends); ANSI when color."""
     widths = (5, 5, 4, 4, 3, 7, 7, 7, 7)
+    columns, kinds = _COLUMNS, _shows_kind(report)
+    if kinds:
+        widths, columns = (5,) + widths, ("kind",) + columns
     name_width = max(12, width - sum(w + 1 for w in widths) - 1)
     lines = [
         f"pwgroup {report.mode} mode, min {report.min_channels_per_group} channels per group: "
         f"{report.model}"
     ]
-    header = "site".ljust(name_width) + " " + " ".join(c.rjust(w) for c, w in zip(_COLUMNS, widths))
+    header = "site".ljust(name_width) + " " + " ".join(c.rjust(w) for c, w in zip(columns, widths))
     lines += [_paint(header, "1", color), "-" * len(header)]
     for s in report.sites:
-        cells = " ".join(str(v).rjust(w) for v, w in zip(_site_row(s), widths))
+        row = ((_KIND_LABELS[s.kind],) if kinds else ()) + _site_row(s)
+        cells = " ".join(str(v).rjust(w) for v, w in zip(row, widths))
         lines.append(shorten(s.name, name_width).ljust(name_width) + " " + cells)
     if not report.sites:
         lines.append("(no pointwise convolution could be grouped)")
+    if kinds and any(s.kind in ("separable", "matmul") for s in report.sites):
+        lines.append(shorten_end(KIND_NOTE, width))
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
@@ -332,12 +345,18 @@ def render_markdown(report: Report) -> str:
         "",
         "<details><summary>Sites</summary>",
         "",
-        "| site | Cin | F | groups | step | L | params before | after | MACs before | after |",
-        "|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
+    ]
+    kinds = _shows_kind(report)
+    kind_head, kind_rule = ("kind | ", "---|") if kinds else ("", "")
+    lines += [
+        f"| site | {kind_head}Cin | F | groups | step | L | params before | after "
+        "| MACs before | after |",
+        f"|---|{kind_rule}---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
     ]
     for s in report.sites:
+        kind = f"{s.kind} | " if kinds else ""
         lines.append(
-            f"| `{s.name}` | {s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
+            f"| `{s.name}` | {kind}{s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
             f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,}"
             f"{'' if s.saves else '!'} | "
             f"{human(s.macs_before)} | {human(s.macs_after)}{'*' if s.runs_folded else ''} |"

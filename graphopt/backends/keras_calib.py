@@ -22,6 +22,7 @@ class KerasCalibration:
     min_channels_per_group: int
     seed: int = 0
     name: str | None = None
+    dense_sequences: bool = False
 
     @property
     def output_names(self) -> list[str]:
@@ -40,11 +41,14 @@ class KerasCalibration:
             selection,
             weights=weights,
             found=found,
+            dense_sequences=self.dense_sequences,
         )
         sites = {}
         for name, site in found.items():
             layers = site.replacement
-            if "/" in name or len(site.layer._inbound_nodes) != 1 or "k" not in layers:
+            if site.plan.kind != "conv" or "/" in name or "k" not in layers:
+                continue  # separable/Dense sites and nested models keep their init
+            if len(site.layer._inbound_nodes) != 1:
                 continue
             if len(layers["k"]._inbound_nodes) != 1:
                 continue

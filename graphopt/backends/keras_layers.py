@@ -113,7 +113,16 @@ class GroupedPointwiseConv(keras.layers.Layer):
         """The framework's grouped convolution, for export only (tf2onnx makes a grouped Conv)."""
         import tensorflow as tf
 
-        return tf.nn.convolution(x, self.kernel, strides=list(self.strides), padding="VALID")
+        if self.rank != 3:
+            return tf.nn.convolution(x, self.kernel, strides=list(self.strides), padding="VALID")
+        # tf2onnx gives a grouped Conv3D group 1 (an invalid model): a pointwise conv treats
+        # positions alike, so run it as a 2-D one over (D, H*W) and put the shape back.
+        x = x[(slice(None),) + tuple(slice(None, None, s) for s in self.strides)]
+        shape = tf.shape(x)
+        flat = tf.reshape(x, tf.stack([shape[0], shape[1], shape[2] * shape[3], shape[4]]))
+        kernel = tf.reshape(self.kernel, (1, 1) + tuple(self.kernel.shape[-2:]))
+        y = tf.nn.convolution(flat, kernel, padding="VALID")
+        return tf.reshape(y, tf.stack([shape[0], shape[1], shape[2], shape[3], self.filters]))
 
     def call(self, inputs):
         x = inputs
@@ -205,4 +214,80 @@ class ChannelInterleave(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(groups=self.groups, axis=self.axis)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="graphopt")
+class PointwiseSite(keras.layers.Layer):
+    """One whole site as a single layer (K, interleave, L, sum), called as the layer it
+    replaces was: what a subclassed model's hand-written `call` gets in place of a pointwise
+    conv, a Dense on a feature map, or a separable conv (then with its `depthwise` half first,
+    given as a DepthwiseConv1D/2D config). `paper`: the layer's own activation runs in both
+    branches; otherwise after the sum."""
+
+    def __init__(self, conv: dict, groups: int, paper: bool = False, depthwise=None, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = dict(conv)
+        self.groups = int(groups)
+        self.paper = bool(paper)
+        self.depthwise_config = dict(depthwise) if depthwise else None
+        self.depthwise = None
+        if self.depthwise_config:
+            kind = {1: keras.layers.DepthwiseConv1D, 2: keras.layers.DepthwiseConv2D}
+            self.depthwise = kind[self.conv["rank"]](
+                **self.depthwise_config, use_bias=False, name="depthwise"
+            )
+        activation = self.conv.get("activation")
+        self.k = self._grouped("k", self.conv.get("strides", 1))
+        step = self.conv["filters"] // self.groups
+        self.interleave = None
+        if step > 1:
+            self.interleave = ChannelInterleave(self.groups, axis=self._axis, name="interleave")
+        self.l = None
+        self.after = None if self.paper else activations.get(activation)
+
+    def _grouped(self, name: str, strides):
+        keys = ("rank", "data_format", "use_bias", "kernel_initializer")
+        return GroupedPointwiseConv(
+            self.conv["filters"],
+            self.groups,
+            strides=strides,
+            activation=self.conv.get("activation") if self.paper else None,
+            name=name,
+            **{key: self.conv[key] for key in keys if key in self.conv},
+        )
+
+    @property
+    def _axis(self) -> int:
+        return -1 if self.conv.get("data_format", "channels_last") == "channels_last" else 1
+
+    def build(self, input_shape):
+        if self.depthwise is not None:
+            self.depthwise.build(input_shape)
+            input_shape = self.depthwise.compute_output_shape(input_shape)
+        self.k.build(input_shape)
+        out_shape = self.k.compute_output_shape(input_shape)
+        if self.interleave is not None:
+            self.interleave.build(out_shape)
+        if int(input_shape[self._axis]) >= self.conv["filters"]:
+            self.l = self._grouped("l", 1)
+            self.l.build(out_shape)
+
+    def call(self, inputs):
+        x = inputs if self.depthwise is None else self.depthwise(inputs)
+        k_out = self.k(x)
+        mixed = self.interleave(k_out) if self.interleave is not None else k_out
+        out = mixed if self.l is None else k_out + self.l(mixed)
+        return out if self.after is None else self.after(out)
+
+    def compute_output_shape(self, input_shape):
+        if self.depthwise is not None:
+            input_shape = self.depthwise.compute_output_shape(input_shape)
+        return self.k.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            conv=self.conv, groups=self.groups, paper=self.paper, depthwise=self.depthwise_config
+        )
         return config

@@ -19,6 +19,14 @@ from graphopt.fit import Fitted, fit_site
 from graphopt.plan import EVERY_SITE, FIT, PAPER, SCRATCH, Selection, SitePlan, Skipped, plan_site
 
 _SITE_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_SEPARABLE_TYPES = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DEPTHWISE_OF = {
+    keras.layers.SeparableConv1D: keras.layers.DepthwiseConv1D,
+    keras.layers.SeparableConv2D: keras.layers.DepthwiseConv2D,
+}
+_FEATURE_MAP_RANKS = (4, 5)
+"""Input ranks on which a Dense is a pointwise conv (2-D and 3-D feature maps)."""
+_SEQUENCE_RANK = 3
 _STATELESS_ACTIVATIONS = (
     keras.layers.Activation,
     keras.layers.ReLU,
@@ -34,12 +42,36 @@ def is_pointwise(layer) -> bool:
     )
 
 
+def site_kind(layer, input_ranks, dense_sequences: bool = False) -> str | None:
+    """ "conv", "separable" or "dense" when `layer` holds a site (called on `input_ranks`)."""
+    if is_pointwise(layer):
+        return "conv"
+    if type(layer) in _SEPARABLE_TYPES:
+        return "separable"
+    if type(layer) is keras.layers.Dense and input_ranks and not _quantized(layer):
+        ranks = _FEATURE_MAP_RANKS + ((_SEQUENCE_RANK,) if dense_sequences else ())
+        if all(r in ranks for r in input_ranks):
+            return "dense"
+    return None
+
+
+def _quantized(dense) -> bool:
+    return bool(getattr(dense, "lora_enabled", False) or getattr(dense, "quantization_mode", None))
+
+
+def pointwise_kernel(layer):
+    """The (…1, Cin, F) kernel of the site a layer holds."""
+    return layer.pointwise_kernel if type(layer) in _SEPARABLE_TYPES else layer.kernel
+
+
 @dataclass
 class _Site:
     """One conv layer to replace, with the BN/activation chain paper mode pulls into branches."""
 
     plan: SitePlan
     layer: keras.layers.Layer
+    rank: int
+    """Spatial rank of the feature map the site reads (a Dense's input rank - 2)."""
     chain: list = field(default_factory=list)
     """The nodes (calls) of the pulled BatchNormalization/activation, in order."""
     replacement: dict = field(default_factory=dict)
@@ -58,6 +90,8 @@ class KerasRewrite:
     init: str = SCRATCH
     weights: dict = field(default_factory=dict)
     """Site name -> Fitted: weights given for a site (calibration), used instead of `init`."""
+    dense_sequences: bool = False
+    """Also take a Dense on rank-3 inputs (sequences) as a site, not only on feature maps."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     found: dict = field(default_factory=dict)
@@ -111,7 +145,7 @@ class KerasRewrite:
         """A copy of a non-site operation (cached, so shared layers stay shared)."""
         if id(op) in clones:
             return clones[id(op)]
-        if isinstance(op, (keras.Sequential, keras.Model)) and _is_graph_model(op):
+        if isinstance(op, (keras.Sequential, keras.Model)) and is_graph_model(op):
             new = self.model(op, prefix=f"{prefix}{op.name}/")
         elif isinstance(op, keras.Model):
             self._skip_nested(op, prefix)
@@ -142,21 +176,23 @@ class KerasRewrite:
         sites: dict[int, _Site] = {}
         absorbed: set[int] = set()
         for layer in model.layers:
-            if not _is_candidate(layer):
-                continue
+            nodes = graph.own_nodes(layer)
+            kind = site_kind(layer, _input_ranks(nodes), self.dense_sequences)
             name = prefix + layer.name
-            if not is_pointwise(layer):
-                self.skipped.append(Skipped(name, _why_not(layer)))
+            if kind is None:
+                reason = _why_not(layer, nodes)
+                if reason:
+                    self.skipped.append(Skipped(name, reason))
                 continue
             reason = self.selection.skip_reason(name)
             if reason:
                 self.skipped.append(Skipped(name, reason))
                 continue
-            nodes = graph.own_nodes(layer)
             chain = []
             if self.mode == PAPER and len(nodes) == 1:
                 chain = _pulled_chain(nodes[0], graph, _channel_axis(layer))
-            cin, filters = int(layer.kernel.shape[-2]), int(layer.kernel.shape[-1])
+            kernel = pointwise_kernel(layer)
+            cin, filters = int(kernel.shape[-2]), int(kernel.shape[-1])
             plan = plan_site(
                 name,
                 cin,
@@ -167,18 +203,20 @@ class KerasRewrite:
                 l_norm_per_channel=_norm_per_channel(chain),
                 groups=self.selection.groups_for(name),
                 mode=self.mode,
+                kind=kind,
             )
             if isinstance(plan, Skipped):
                 self.skipped.append(plan)
                 continue
             fitted = self.weights.get(name)
             if fitted is None and self.init == FIT:
-                kernel = keras.ops.convert_to_numpy(layer.kernel).reshape(cin, filters).T
+                kernel = keras.ops.convert_to_numpy(kernel).reshape(cin, filters).T
                 bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
                 fitted = fit_site(kernel, plan, bias)
                 plan = dataclasses.replace(plan, fit_error=fitted.error)
             self.sites.append(plan)
-            sites[id(layer)] = self.found[name] = _Site(plan, layer, chain, fitted=fitted)
+            rank = len(nodes[0].input_tensors[0].shape) - 2
+            sites[id(layer)] = self.found[name] = _Site(plan, layer, rank, chain, fitted=fitted)
             absorbed.update(id(node.operation) for node in chain)
         return sites, absorbed
 
@@ -188,6 +226,12 @@ class KerasRewrite:
         """K -> (BN -> act) -> interleave -> L -> (BN' -> act) -> sum, per SPEC.md."""
         layers = site.replacement or self._make_layers(site)
         site.replacement = layers
+        if "depthwise" in layers:  # a separable conv: its depthwise half stays as it was
+            first_call = not layers["depthwise"].built
+            x = layers["depthwise"](x)
+            if first_call:
+                kernel = keras.ops.convert_to_numpy(site.layer.depthwise_kernel)
+                layers["depthwise"].set_weights([kernel])
         k_out = layers["k"](x)
         for layer in layers["k_chain"]:
             k_out = layer(k_out)
@@ -207,50 +251,88 @@ class KerasRewrite:
         return out
 
     def _make_layers(self, site: _Site) -> dict:
-        conv, plan, paper = site.layer, site.plan, self.mode == PAPER
-        name = conv.name
-        activation = conv.activation if paper else None
-        layers = {"k": self._grouped(conv, plan, f"{name}_k", conv.strides, activation)}
+        layer, plan, paper = site.layer, site.plan, self.mode == PAPER
+        name, spec = layer.name, _site_spec(layer, site.rank)
+        activation = layer.activation if paper else None
+        layers = {}
+        if plan.kind == "separable":
+            layers["depthwise"] = _depthwise_half(layer)
+        layers["k"] = self._grouped(spec, plan, f"{name}_k", spec["strides"], activation)
         layers["k_chain"] = [_clone_with_weights(node) for node in site.chain]
-        axis = _channel_axis(conv)
+        axis = _channel_axis(layer)
         if plan.has_interleave:
             layers["interleave"] = ChannelInterleave(
                 plan.groups, axis=axis, name=f"{name}_interleave"
             )
         if plan.has_l:
-            layers["l"] = self._grouped(conv, plan, f"{name}_l", 1, activation)
+            layers["l"] = self._grouped(spec, plan, f"{name}_l", 1, activation)
             layers["l_chain"] = [
                 _fresh_copy(node.operation, f"{node.operation.name}_l") for node in site.chain
             ]
             layers["sum"] = keras.layers.Add(name=f"{name}_sum")
-        if not paper and keras.activations.serialize(conv.activation) != "linear":
-            layers["act"] = keras.layers.Activation(conv.activation, name=f"{name}_act")
+        if not paper and keras.activations.serialize(layer.activation) != "linear":
+            layers["act"] = keras.layers.Activation(layer.activation, name=f"{name}_act")
         return layers
 
-    def _grouped(self, conv, plan: SitePlan, name: str, strides, activation):
+    def _grouped(self, spec: dict, plan: SitePlan, name: str, strides, activation):
         return GroupedPointwiseConv(
             filters=plan.filters,
             groups=plan.groups,
-            rank=conv.rank,
+            rank=spec["rank"],
             strides=strides,
-            data_format=conv.data_format,
-            use_bias=conv.use_bias,
+            data_format=spec["data_format"],
+            use_bias=spec["use_bias"],
             activation=activation,
             kernel_initializer=keras.initializers.GlorotUniform(seed=self._next_seed()),
             bias_initializer="zeros",
-            kernel_regularizer=conv.kernel_regularizer,
-            bias_regularizer=conv.bias_regularizer,
-            kernel_constraint=conv.kernel_constraint,
-            bias_constraint=conv.bias_constraint,
-            dtype=conv.dtype_policy,
+            kernel_regularizer=spec["kernel_regularizer"],
+            bias_regularizer=spec["bias_regularizer"],
+            kernel_constraint=spec["kernel_constraint"],
+            bias_constraint=spec["bias_constraint"],
+            dtype=spec["dtype"],
             name=name,
         )
+
+
+def _site_spec(layer, rank: int) -> dict:
+    """What K and L take over from the layer that held the site, whatever its kind."""
+    separable = type(layer) in _SEPARABLE_TYPES
+    dense = isinstance(layer, keras.layers.Dense)
+    prefix = "pointwise" if separable else "kernel"
+    return {
+        "rank": rank,
+        "strides": 1 if separable or dense else layer.strides,
+        "data_format": "channels_last" if dense else layer.data_format,
+        "use_bias": layer.use_bias,
+        "kernel_regularizer": getattr(layer, f"{prefix}_regularizer"),
+        "kernel_constraint": getattr(layer, f"{prefix}_constraint"),
+        "bias_regularizer": layer.bias_regularizer,
+        "bias_constraint": layer.bias_constraint,
+        "dtype": layer.dtype_policy,
+    }
+
+
+def _depthwise_half(sep):
+    """The depthwise conv of a separable conv, as its own layer (it gets the same weights)."""
+    return _DEPTHWISE_OF[type(sep)](
+        kernel_size=sep.kernel_size,
+        strides=sep.strides,
+        padding=sep.padding,
+        depth_multiplier=sep.depth_multiplier,
+        data_format=sep.data_format,
+        dilation_rate=sep.dilation_rate,
+        use_bias=False,
+        depthwise_regularizer=sep.depthwise_regularizer,
+        depthwise_constraint=sep.depthwise_constraint,
+        dtype=sep.dtype_policy,
+        name=f"{sep.name}_depthwise",
+    )
 
 
 # ---- helpers over Keras' graph --------------------------------------------------------------
 
 
-def _is_graph_model(model) -> bool:
+def is_graph_model(model) -> bool:
     return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
 
 
@@ -333,32 +415,40 @@ def _norm_per_channel(chain) -> tuple[int, int]:
     return 0, 0
 
 
-def _channel_axis(conv) -> int:
-    return -1 if conv.data_format == "channels_last" else 1
+def _channel_axis(layer) -> int:
+    return -1 if getattr(layer, "data_format", "channels_last") == "channels_last" else 1
 
 
-def _positions(conv, nodes) -> int | None:
+def _input_ranks(nodes) -> list[int]:
+    return [len(node.input_tensors[0].shape) for node in nodes if node.input_tensors]
+
+
+def _positions(layer, nodes) -> int | None:
     if len(nodes) != 1:
         return None
     shape = nodes[0].outputs[0].shape
-    spatial = shape[1:-1] if conv.data_format == "channels_last" else shape[2:]
+    spatial = shape[1:-1] if _channel_axis(layer) == -1 else shape[2:]
     if any(d is None for d in spatial):
         return None
     return math.prod(spatial)
 
 
-def _is_candidate(layer) -> bool:
-    """Any convolution with an all-ones kernel: a site, or a reason to say why it is not one."""
+def _why_not(layer, nodes) -> str | None:
+    """Why a layer that looks like a site is not one (None: it does not look like one)."""
+    if isinstance(layer, keras.layers.Dense):
+        ranks = _input_ranks(nodes)
+        if not any(r >= _SEQUENCE_RANK for r in ranks):
+            return None  # a classifier head, not a pointwise conv
+        if type(layer) is not keras.layers.Dense:
+            return f"{type(layer).__name__} is not a stock Dense"
+        if _quantized(layer):
+            return "Dense with LoRA or quantized weights"
+        if any(r < _SEQUENCE_RANK for r in ranks):
+            return "Dense also applied to vectors (rank-2 input)"
+        return "Dense on a sequence (rank-3 input); --dense-sequences takes it"
     ks = getattr(layer, "kernel_size", None)
-    return (
-        isinstance(layer, keras.layers.Layer)
-        and ks is not None
-        and all(k == 1 for k in ks)
-        and hasattr(layer, "filters")
-    )
-
-
-def _why_not(layer) -> str:
+    if ks is None or not all(k == 1 for k in ks) or not hasattr(layer, "filters"):
+        return None
     if getattr(layer, "groups", 1) != 1:
         return f"already grouped ({layer.groups} groups)"
     return f"{type(layer).__name__} is not a stock Conv1D/2D/3D"

@@ -96,6 +96,46 @@ class SiteBuilder:
             params.append(self._const(f"{base}_B", np.zeros(plan.filters, dtype)))
         return params
 
+    def fresh_matmul(self, plan, base, dtype, in_channels, use_bias) -> list[gs.Constant]:
+        """New weights of a grouped MatMul: `(N, in/N, F/N)` Glorot-uniform, zero bias."""
+        width, step = in_channels // plan.groups, plan.filters // plan.groups
+        limit = math.sqrt(6.0 / (width + plan.filters))
+        kernel = self.rng.uniform(-limit, limit, (plan.groups, width, step)).astype(dtype)
+        params = [self._const(f"{base}_W", kernel)]
+        if use_bias:
+            params.append(self._const(f"{base}_B", np.zeros(plan.filters, dtype)))
+        return params
+
+    def given_matmul(self, base, kernel, bias, groups) -> list[gs.Constant]:
+        """A grouped MatMul's weights from a conv-layout kernel (F x in/N, see graphopt.fit)."""
+        filters, width = kernel.shape
+        grouped = kernel.reshape(groups, filters // groups, width).transpose(0, 2, 1)
+        params = [self._const(f"{base}_W", np.ascontiguousarray(grouped))]
+        if bias is not None:
+            params.append(self._const(f"{base}_B", bias))
+        return params
+
+    def _grouped_matmul(self, graph, x, plan, base, rank, params):
+        """x (rank `rank`, channels last) times a grouped `(N, in/N, F/N)` weight: split the
+        channels into `(N, 1, in/N)`, one batched MatMul, merge back (and add the bias)."""
+        width = int(params[0].values.shape[1])
+        keep = [0] * (rank - 1)
+        split = self._const(f"{base}_split", np.asarray(keep + [plan.groups, 1, width], np.int64))
+        merge = self._const(f"{base}_merge", np.asarray(keep + [plan.filters], np.int64))
+        grouped, product, out = (self._var(f"{base}_{p}") for p in ("grouped", "product", "out"))
+        graph.nodes += [
+            gs.Node("Reshape", self._unique(f"{base}_split"), {}, [x, split], [grouped]),
+            gs.Node("MatMul", self._unique(base), {}, [grouped, params[0]], [product]),
+            gs.Node("Reshape", self._unique(f"{base}_merge"), {}, [product, merge], [out]),
+        ]
+        if len(params) < 2:
+            return out
+        biased = self._var(f"{base}_biased")
+        graph.nodes.append(
+            gs.Node("Add", self._unique(f"{base}_bias"), {}, [out, params[1]], [biased])
+        )
+        return biased
+
     def _grouped_conv(self, graph, x, plan, base, attrs, params):
         """A Conv with `plan.groups` groups over `x` holding `params` (weight, bias)."""
         inputs = [x, *params]
@@ -105,15 +145,15 @@ class SiteBuilder:
         )
         return out
 
-    def _interleave(self, graph, x, plan, base):
+    def _interleave(self, graph, x, plan, base, last_axis=False):
         out = self._var(f"{base}_interleave_out")
-        if INTERLEAVE == "gather":
+        if INTERLEAVE == "gather" or last_axis:
             perm = np.asarray(interleave_permutation(plan.filters, plan.groups), np.int64)
             graph.nodes.append(
                 gs.Node(
                     "Gather",
                     self._unique(f"{base}_interleave"),
-                    {"axis": 1},
+                    {"axis": -1 if last_axis else 1},
                     [x, self._const(f"{base}_perm", perm)],
                     [out],
                 )
@@ -170,16 +210,28 @@ class SiteBuilder:
             x = out
         return x
 
-    def site(self, graph, x, plan, base, attrs, weights, k_chain, l_chain, biased=True):
-        """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output."""
+    def site(
+        self, graph, x, plan, base, attrs, weights, k_chain, l_chain, biased=True, matmul_rank=0
+    ):
+        """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output.
+        With `matmul_rank`, `x` has that rank and its channels last, and K and L are grouped
+        MatMuls (a MatMul/Gemm site) instead of grouped Convs."""
         keep = (lambda params: params) if biased else (lambda params: params[:1])
-        k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, keep(weights["K"]))
+
+        def grouped(x, name, attrs, params):
+            if matmul_rank:
+                return self._grouped_matmul(graph, x, plan, name, matmul_rank, params)
+            return self._grouped_conv(graph, x, plan, name, attrs, params)
+
+        k_out = grouped(x, f"{base}_K", attrs, keep(weights["K"]))
         k_out = self._branch(graph, k_out, k_chain, f"{base}_K")
-        mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
+        mixed = k_out
+        if plan.has_interleave:
+            mixed = self._interleave(graph, k_out, plan, base, last_axis=bool(matmul_rank))
         if not plan.has_l:
             return mixed
         l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
-        l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, keep(weights["L"]))
+        l_out = grouped(mixed, f"{base}_L", l_attrs, keep(weights["L"]))
         l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=weights)
         result = self._var(f"{base}_sum_out")
         graph.nodes.append(

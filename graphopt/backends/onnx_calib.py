@@ -23,6 +23,7 @@ class OnnxCalibration:
     min_channels_per_group: int
     seed: int = 0
     name: str | None = None
+    dense_sequences: bool = False
     provider: str = "CPUExecutionProvider"
 
     @property
@@ -42,6 +43,7 @@ class OnnxCalibration:
             selection,
             weights=weights,
             found=found,
+            dense_sequences=self.dense_sequences,
         )
         sites = {}
         for name, site in found.items():

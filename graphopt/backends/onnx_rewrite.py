@@ -34,6 +34,8 @@ from graphopt.plan import (
 )
 from graphopt.report import Report, Totals
 
+_FEATURE_MAP_RANKS = (4, 5)
+_SEQUENCE_RANK = 3
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
 
 
@@ -51,11 +53,16 @@ def rewrite_onnx(
     provider: str = "CPUExecutionProvider",
     weights=None,
     found: dict | None = None,
+    dense_sequences: bool = False,
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
 
+    A MatMul/Gemm with a constant 2-D weight on the last axis of a rank-4/5 tensor (or of
+    such a tensor flattened to 2-D by a Reshape, as tf2onnx exports Keras' Dense) is a site
+    too; on a rank-3 tensor only with `dense_sequences`. Such sites are never timed or folded.
     `weights` maps site names to given K/L (fit.Fitted, from calibration); `found`, when a
-    dict, receives a `FoundSite` per rewritten site of the main graph (what calibration reads).
+    dict, receives a `FoundSite` per rewritten conv site of the main graph (what calibration
+    reads).
 
     With `skip_slower` or `fold_slower`, each site is first timed in onnxruntime against its
     dense original (onnx_timing). A site that would run slower is left as it is with
@@ -74,7 +81,8 @@ def rewrite_onnx(
         fold,
         init,
         provider,
-        dict(weights or {}),
+        weights=dict(weights or {}),
+        dense_sequences=dense_sequences,
     )
     graph = gs.import_onnx(model)
     job.main, job.collect = graph, found is not None
@@ -154,6 +162,8 @@ class _OnnxRewrite:
     """The main graph (only its sites are reported in `found`: subgraph tensors cannot be
     read out of onnxruntime)."""
     found: dict = field(default_factory=dict)
+    dense_sequences: bool = False
+    """MatMul/Gemm on rank-3 tensors (sequences) are sites too."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     removed_weights: set = field(default_factory=set)
@@ -175,6 +185,9 @@ class _OnnxRewrite:
     def graph(self, graph: gs.Graph) -> None:
         self.build.names |= set(graph.tensors().keys()) | {n.name for n in graph.nodes}
         for index, node in enumerate(list(graph.nodes)):
+            if node.op in ("MatMul", "Gemm"):
+                self._matmul(graph, node, node.name or f"{node.op}_{index}")
+                continue
             if node.op != "Conv":
                 continue
             weight = constant_spec(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -266,6 +279,100 @@ class _OnnxRewrite:
         self._replace(graph, conv, plan, chain, weights, weight)
         if self.scopes is not None:
             self.scopes.home_like([t for ts in weights.values() for t in ts], replaced, graph)
+
+    def _matmul(self, graph, node, label) -> None:
+        """A MatMul/Gemm that is a pointwise conv on a feature map's last axis: a site."""
+        weight, bias_node, bias = _matmul_weight(graph, node)
+        if weight is None:
+            return
+        rank, map_rank, last = self._matmul_input(node.inputs[0])
+        cin, filters = (int(d) for d in weight.shape)
+        ranks = _FEATURE_MAP_RANKS + ((_SEQUENCE_RANK,) if self.dense_sequences else ())
+        if map_rank not in ranks or last not in (None, cin):
+            if map_rank == _SEQUENCE_RANK and last in (None, cin):
+                why = f"{node.op} on a sequence (rank-3 input); --dense-sequences takes it"
+                self.skipped.append(Skipped(label, why, cin, filters))
+            return
+        key = (node.inputs[1].name,)
+        if key in self._first_use:
+            why = f"shares its weights with {self._first_use[key]}, left as it is"
+            self.skipped.append(Skipped(label, why, cin, filters))
+            return
+        self._first_use[key] = label
+        reason = self.selection.skip_reason(label)
+        if reason:
+            self.skipped.append(Skipped(label, reason))
+            return
+        last_node = bias_node or node
+        chain = (
+            _pulled_chain(graph, last_node.outputs[0], norms=False) if self.mode == PAPER else []
+        )
+        plan = plan_site(
+            label,
+            cin,
+            filters,
+            use_bias=bias is not None,
+            min_channels_per_group=self.min_channels_per_group,
+            positions=self._map_positions(node.inputs[0]),
+            kind="matmul",
+            groups=self.selection.groups_for(label),
+            mode=self.mode,
+        )
+        if isinstance(plan, Skipped):
+            self.skipped.append(plan)
+            return
+        base = node.name or label
+        if self.init == FIT:
+            fitted = fit_site(weight.T, plan, bias)
+            plan = dataclasses.replace(plan, fit_error=fitted.error)
+            weights = {
+                "K": self.build.given_matmul(f"{base}_K", fitted.kw, fitted.k_bias, plan.groups)
+            }
+            if plan.has_l:
+                weights["L"] = self.build.given_matmul(
+                    f"{base}_L", fitted.lw, fitted.l_bias, plan.groups
+                )
+        else:
+            dtype, use_bias = weight.dtype, bias is not None
+            weights = {"K": self.build.fresh_matmul(plan, f"{base}_K", dtype, cin, use_bias)}
+            if plan.has_l:
+                weights["L"] = self.build.fresh_matmul(plan, f"{base}_L", dtype, filters, use_bias)
+        self.sites.append(plan)
+        old = [node] + ([bias_node] if bias_node else [])
+        for n in old:
+            self.removed_weights.update(t.name for t in n.inputs[1:] if isinstance(t, gs.Constant))
+        result = self.build.site(
+            graph, node.inputs[0], plan, base, {}, weights, chain, chain, matmul_rank=rank
+        )
+        final = (chain[-1] if chain else last_node).outputs[0]
+        producer = result.inputs[0]
+        for n in [*old, *chain]:
+            n.outputs.clear()
+        producer.outputs.clear()
+        producer.outputs.append(final)
+        _remove(graph, [*old, *chain])
+
+    def _matmul_input(self, tensor) -> tuple[int | None, int | None, int | None]:
+        """(rank of `tensor`, rank of the feature map it holds, its channels or None): a 2-D
+        tensor that a Reshape made from a feature map holds that map (tf2onnx's Tensordot)."""
+        shape = self.shapes.get(tensor.name)
+        rank = len(shape) if shape else None
+        if rank == 2 and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Reshape":
+            source = self.shapes.get(tensor.inputs[0].inputs[0].name)
+            if source and len(source) > 2:
+                return rank, len(source), source[-1]
+        return rank, rank, (shape[-1] if shape else None)
+
+    def _map_positions(self, tensor) -> int | None:
+        """Positions per sample of the feature map a MatMul site reads (H*W...)."""
+        if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Reshape":
+            source = self.shapes.get(tensor.inputs[0].inputs[0].name)
+            if source and len(source) > 2:
+                tensor = tensor.inputs[0].inputs[0]
+        shape = self.shapes.get(tensor.name)
+        if not shape or len(shape) < 3 or any(d is None or d == 0 for d in shape[1:-1]):
+            return None
+        return math.prod(shape[1:-1])
 
     def _fit(self, base, plan, weight, bias, weights: dict, given=None) -> SitePlan:
         """K and L fitted to the conv's kernel (and giving its bias), or `given` ones (with
@@ -377,12 +484,14 @@ def _single_reader(graph, tensor):
     return tensor.outputs[0]
 
 
-def _pulled_chain(graph, tensor) -> list:
-    """Unfused BatchNormalization and/or activation that only this conv feeds (paper mode)."""
+def _pulled_chain(graph, tensor, norms: bool = True) -> list:
+    """Unfused BatchNormalization (unless not `norms`) and/or activation that only this conv
+    feeds (paper mode)."""
     chain = []
     node = _single_reader(graph, tensor)
     if (
-        node is not None
+        norms
+        and node is not None
         and node.op == "BatchNormalization"
         and node.inputs[0] is tensor
         and all(constant_value(t) is not None for t in node.inputs[1:5])
@@ -413,3 +522,32 @@ def _silu(graph, tensor) -> list:
     if sig.outputs[0].outputs[0] is not mul or sig.outputs[0] in graph.outputs:
         return []
     return [sig, mul]
+
+
+def _matmul_weight(graph, node):
+    """(weight as Cin x F, the Add node holding the bias or None, bias or None) of a
+    MatMul/Gemm whose weight is a constant 2-D matrix; (None, None, None) for any other."""
+    if len(node.inputs) < 2:
+        return None, None, None
+    weight = constant_value(node.inputs[1])
+    if weight is None or weight.ndim != 2 or not np.issubdtype(weight.dtype, np.floating):
+        return None, None, None
+    if node.op == "MatMul":
+        add = _single_reader(graph, node.outputs[0])
+        if add is not None and add.op == "Add" and len(add.inputs) == 2:
+            other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+            bias = constant_value(other)
+            if bias is not None and bias.shape == (weight.shape[1],):
+                return weight, add, bias
+        return weight, None, None
+    attrs = node.attrs
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        return None, None, None
+    if attrs.get("transB", 0):
+        weight = weight.T
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return weight, None, None
+    bias = constant_value(node.inputs[2])
+    if bias is None or attrs.get("beta", 1.0) != 1.0 or bias.shape != (weight.shape[1],):
+        return None, None, None
+    return weight, None, bias
