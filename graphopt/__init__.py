@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import graphopt.backends.keras_layers  # noqa: E402,F401
 from graphopt.api import export_onnx, load, model_kind, rewrite, save  # noqa: E402
 from graphopt.errors import GraphoptError  # noqa: E402
+from graphopt.finetune import FinetuneResult, finetune  # noqa: E402
 from graphopt.plan import SitePlan, Skipped, max_groups, plan_site  # noqa: E402
 from graphopt.report import Report, Totals  # noqa: E402
 
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "export_onnx",
+    "finetune",
+    "FinetuneResult",
     "GraphoptError",
     "Report",
     "SitePlan",
