@@ -1,6 +1,7 @@
 """`pwgroup`: argument parsing and exit codes only; the work is graphopt's.
 
-Exit codes: 0 success, 1 a reduction below --fail-under, 2 bad input or usage.
+Exit codes: 0 success, 1 a reduction below --fail-under (or a failed internal check: a
+pwgroup bug), 2 bad input or usage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import tempfile
 
 EXIT_OK, EXIT_BELOW_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BUG = 1  # a failed internal check; shares 1 with --fail-under, as CI treats both as failures
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,16 +82,29 @@ def _parser() -> argparse.ArgumentParser:
         slower.add_argument(
             "--skip-slower",
             action="store_true",
-            help="ONNX: time each site in onnxruntime and leave those that would run slower "
-            "than the dense conv",
+            help="ONNX: time each site in onnxruntime (spinning off, threads pinned) and leave "
+            "those that would run slower than the dense conv",
         )
         slower.add_argument(
             "--fold-slower",
             action="store_true",
-            help="ONNX: time each site in onnxruntime; one that would run slower keeps its "
-            "grouped weights but runs as one dense conv onnxruntime folds from them at load "
-            "(left as it is when its branches are not linear)",
+            help="ONNX: time each site in onnxruntime (spinning off, threads pinned); one that "
+            "would run slower keeps its grouped weights but runs as one dense conv onnxruntime "
+            "folds from them at load (left as it is when its branches are not linear)",
         )
+        p.add_argument(
+            "--latency",
+            nargs="?",
+            const=(1, 8, 32),
+            type=_batches,
+            metavar="BATCH,...",
+            help="time the original and the rewritten model in onnxruntime on --provider at "
+            "these batch sizes (default 1,8,32): runs interleaved, medians, worker threads' "
+            "spinning off and thread count pinned to the usable cores, as in every timing "
+            "pwgroup does; Keras models are timed through their tf2onnx export (export extra). "
+            "Write it after MODEL, or as --latency=1,8",
+        )
+        _calibration_arguments(p)
         p.add_argument("--seed", type=int, default=0, help="seed of the new weights (default 0)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON")
         p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -181,11 +196,80 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """--calibrate and what it enables (graphopt.calibrate)."""
+    data = p.add_mutually_exclusive_group()
+    data.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        help="fit each site's new weights to reproduce the original on these samples of the "
+        "model's inputs (.npy, .npz with one array per input, a folder of them, or a folder of "
+        "images) and report the agreement on a held-out part",
+    )
+    data.add_argument(
+        "--measure",
+        metavar="DATA",
+        help="only measure the agreement with the original on DATA (no fitting)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=("0..1", "-1..1", "imagenet", "none"),
+        default="0..1",
+        help="image folders: pixel scaling (default 0..1, x/255, what most user-trained "
+        "networks expect; keras.applications EfficientNet wants none)",
+    )
+    p.add_argument(
+        "--held-out",
+        type=float,
+        default=0.25,
+        metavar="SHARE",
+        help="share of the data kept for measuring, never fitted on (default 0.25)",
+    )
+    p.add_argument(
+        "--groups",
+        choices=("rule", "auto"),
+        default="rule",
+        help="rule: the paper's group count; auto: per site the largest allowed one whose "
+        "calibrated error stays within --max-site-error",
+    )
+    p.add_argument(
+        "--max-site-error",
+        type=float,
+        metavar="E",
+        help="--groups auto: bound on a site's held-out relative error (default 0.1)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="A",
+        help="leave the most damaging sites as they were until the held-out top-1 agreement "
+        "with the original is at least A (0..1)",
+    )
+    p.add_argument(
+        "--max-output-error",
+        type=float,
+        metavar="E",
+        help="the same for the outputs' relative L2 error",
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive integer")
     return value
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected batch sizes like 1,8,32, not '{text}' (write --latency after MODEL)"
+        ) from None
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError("batch sizes must be positive")
+    return batches
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -233,7 +317,7 @@ def _expand(models: list[str]) -> list[str]:
 
 def _precheck(source: str) -> str | None:
     """Cheap checks before importing TensorFlow (which takes seconds)."""
-    if source.startswith("keras.applications:"):
+    if not source or source.startswith("keras.applications:"):
         return None
     if not os.path.exists(source):
         return f"{source}: no such file"
@@ -253,6 +337,15 @@ def _size_when_saved(graphopt, model) -> int:
     ext = ".onnx" if type(model).__name__ == "ModelProto" else ".keras"
     with tempfile.TemporaryDirectory() as tmp:
         return graphopt.save(model, os.path.join(tmp, "model" + ext))
+
+
+def _size_on_disk(source: str, kind: str) -> int:
+    """The model file's size, with the external data files an ONNX model's weights are in."""
+    if kind != "onnx":
+        return os.path.getsize(source)
+    from graphopt.backends.onnx_io import external_data_size
+
+    return os.path.getsize(source) + external_data_size(source)
 
 
 def _write_text(path: str, text: str, inputs: list[str]) -> None:
@@ -283,7 +376,10 @@ def _run_one(graphopt, args, source: str, output: str | None):
         model = graphopt.load(
             source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
         )
-    with step(f"rewriting {source}", show):
+    data = args.calibrate or args.measure
+    if data and show:
+        _say(f"{'calibrating' if args.calibrate else 'measuring'} {source} on {data}")
+    with step(f"rewriting {source}", show and not data):
         new_model, report = graphopt.rewrite(
             model,
             mode=args.mode,
@@ -297,15 +393,29 @@ def _run_one(graphopt, args, source: str, output: str | None):
             fold_slower=args.fold_slower,
             init=args.init,
             provider=args.provider,
+            calibration=args.calibrate or args.measure,
+            calibrate=args.measure is None,
+            groups=args.groups,
+            min_agreement=args.min_agreement,
+            max_output_error=args.max_output_error,
+            max_site_error=args.max_site_error,
+            held_out=args.held_out,
+            preprocess=args.preprocess,
+            progress=_say if show else None,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         from graphopt.backends.onnx_verify import verify
 
         with step("checking in onnxruntime", show):
             verify(model, new_model, provider=args.provider)
+    if args.latency:
+        with step("timing in onnxruntime (--latency)", show):
+            report.latency = _latency(graphopt, args, kind, model, new_model)
     with step(f"saving {output}" if output else "measuring file sizes", show):
         report.totals.file_size_before = (
-            os.path.getsize(source) if kind != "application" else _size_when_saved(graphopt, model)
+            _size_on_disk(source, kind)
+            if kind != "application"
+            else _size_when_saved(graphopt, model)
         )
         if output is not None:
             report.totals.file_size_after = graphopt.save(new_model, output, source=source)
@@ -387,6 +497,23 @@ def _finetune(graphopt, args, sources: list[str]) -> int:
     return EXIT_OK
 
 
+def _say(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _latency(graphopt, args, kind: str, model, new_model) -> list:
+    """--latency: both models timed in onnxruntime (Keras ones through tf2onnx)."""
+    from graphopt.backends.onnx_timing import latency
+
+    if kind != "onnx":
+        with _silenced_stderr():  # tf2onnx logs through TensorFlow's C++ runtime
+            model, new_model = graphopt.export_onnx(model), graphopt.export_onnx(new_model)
+    timings, notes = latency(model, new_model, args.latency, args.provider)
+    for note in notes if not args.quiet else []:
+        print(f"pwgroup: note: --latency {note}", file=sys.stderr)
+    return timings
+
+
 def _export(graphopt, args, source: str) -> int:
     if graphopt.model_kind(source) == "onnx":
         return _fail(f"{source}: already an ONNX model")
@@ -408,12 +535,16 @@ def _check_runtime(graphopt, args, sources: list[str]) -> None:
         (f"--{w}-slower" for w in ("skip", "fold") if getattr(args, f"{w}_slower", False)), None
     )
     checking = not getattr(args, "no_verify", True)
-    if not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
+    if getattr(args, "latency", None):
+        timing = "--latency"  # Keras models too: they are timed through their ONNX export
+    elif not (checking or timing) or not any(graphopt.model_kind(s) == "onnx" for s in sources):
         return
     from graphopt import runtime
 
+    checking = checking and any(graphopt.model_kind(s) == "onnx" for s in sources)
+    what = "the models" if timing == "--latency" else "sites"
     ort = runtime.onnxruntime(
-        f"to time sites for {timing}"
+        f"to time {what} for {timing}"
         if timing and not checking
         else "to check rewritten ONNX models (--no-verify skips the check)"
     )
@@ -441,7 +572,8 @@ def _summary(reports) -> str:
 
 def _main(args) -> int:
     sources = _expand(args.model if isinstance(args.model, list) else [args.model])
-    for source in sources:
+    data = getattr(args, "calibrate", None) or getattr(args, "measure", None)
+    for source in sources + ([data] if data else []):
         problem = _precheck(source)
         if problem:
             return _fail(problem)
@@ -485,10 +617,16 @@ def _main(args) -> int:
 
         _write_text(args.html, render_html(reports), sources)
     if args.fail_under is not None:
-        below = [r for r in reports if r.totals.reduction_pct < args.fail_under]
+        from graphopt.report import change
+
+        below = [
+            r
+            for r in reports
+            if r.totals.reduction_pct < args.fail_under or r.totals.reduction_pct < 0
+        ]
         for r in below:
             _fail(
-                f"{r.model}: trainable parameters reduced by {r.totals.reduction_pct:.2f}%, "
+                f"{r.model}: trainable parameters {change(r.totals.reduction_pct)}, "
                 f"below --fail-under {args.fail_under:g}%",
                 EXIT_BELOW_THRESHOLD,
             )
@@ -506,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure becomes one line; --debug shows the traceback
         if args.debug:
             raise
-        from graphopt.errors import GraphoptError
+        from graphopt.errors import GraphoptError, InternalError
 
         models = args.model if isinstance(args.model, list) else [args.model]
         named = models + [
@@ -515,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         line = _one_line(exc)
         if not any(m in line for m in named):
             line = f"{', '.join(models)}: {line}"  # every message names the file
+        if isinstance(exc, InternalError):
+            return _fail(
+                f"internal error, a bug in pwgroup (nothing was written; please report it): {line}",
+                EXIT_BUG,
+            )
         if isinstance(exc, (GraphoptError, OSError)):
             return _fail(line)
         return _fail(

@@ -1,5 +1,5 @@
 """EfficientNetB0 exported to ONNX (tf2onnx): rewrite time against load+save time, and
-onnxruntime latency of the rewritten model against the original at batch 1 and 32 (both
+onnxruntime latency of the rewritten model against the original at batch 1, 8 and 32 (both
 interleave implementations, --skip-slower and --fold-slower), plus each site in context
 against its dense original, grouped and folded.
 
@@ -22,20 +22,12 @@ from timing import median_time
 import graphopt
 from graphopt.backends import onnx_build, onnx_rewrite, onnx_timing
 from graphopt.backends.onnx_io import load_onnx, save_onnx
+from graphopt.backends.onnx_verify import session, timing_threads
 
 
-def make_session(model: onnx.ModelProto, provider: str, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4
-    available = ort.get_available_providers()
-    if provider not in available:
-        print(f"note: {provider} is not available; using CPUExecutionProvider")
-        provider = "CPUExecutionProvider"
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+def make_session(model: onnx.ModelProto, provider: str):
+    """pwgroup's own timing session: ORT_ENABLE_ALL, spinning off, threads pinned."""
+    return session(model, provider, "to benchmark", timing=True)
 
 
 def interleaved_medians(sessions: dict, feed: dict, repeat: int) -> dict:
@@ -95,7 +87,11 @@ def main() -> None:
             fold_report = slower
     sessions = {name: make_session(m, args.provider) for name, m in variants.items()}
     name = sessions["original"].get_inputs()[0].name
-    for batch in (1, 32):
+    print(
+        f"onnxruntime {sessions['original'].get_providers()[0]}, {timing_threads()} threads, "
+        "spinning off, ORT_ENABLE_ALL, runs interleaved, medians"
+    )
+    for batch in (1, 8, 32):
         x = (
             np.random.default_rng(0)
             .standard_normal((batch, args.size, args.size, 3))
@@ -140,7 +136,7 @@ def _alone(model, site, fold=False):
     """The rewrite of a single-site model with `site`'s groups, folded or not."""
     fold_set = (lambda plan: True) if fold else frozenset()
     return onnx_rewrite.rewrite_onnx(
-        model, "linear", site.cin // site.groups, 0, None, fold=fold_set
+        model, "paper", site.cin // site.groups, 0, None, fold=fold_set
     )[0]
 
 

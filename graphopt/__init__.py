@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # .keras reloads with keras.models.load_model once graphopt is imported.
 import graphopt.backends.keras_layers  # noqa: E402,F401
 from graphopt.api import export_onnx, load, model_kind, rewrite, save  # noqa: E402
-from graphopt.errors import GraphoptError  # noqa: E402
+from graphopt.errors import GraphoptError, InternalError  # noqa: E402
 from graphopt.finetune import FinetuneResult, finetune  # noqa: E402
 from graphopt.plan import SitePlan, Skipped, max_groups, plan_site  # noqa: E402
 from graphopt.report import Report, Totals  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "finetune",
     "FinetuneResult",
     "GraphoptError",
+    "InternalError",
     "Report",
     "SitePlan",
     "Skipped",

@@ -6,7 +6,7 @@ import functools
 import math
 import os
 
-from graphopt.errors import InputError, OutputError, UsageError
+from graphopt.errors import InputError, InternalError, OutputError, UsageError
 from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, FIT, INITS, LINEAR, MODES, Selection
 from graphopt.report import Report, Totals
 
@@ -36,8 +36,27 @@ def rewrite(
     fold_slower: bool = False,
     init: str = "scratch",
     provider: str = "CPUExecutionProvider",
+    calibration=None,
+    calibrate: bool = True,
+    groups: str = "rule",
+    min_agreement: float | None = None,
+    max_output_error: float | None = None,
+    max_site_error: float | None = None,
+    held_out: float = 0.25,
+    preprocess: str = "0..1",
+    progress=None,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
+
+    With `calibration` (samples of the model's inputs: an array, a dict of arrays, an iterable
+    of feeds, a tf.data.Dataset or a path, see graphopt.data), each site's new weights are
+    fitted to reproduce the original on those samples, site by site in network order
+    (`calibrate=False` only measures), and `report.quality` holds the agreement with the
+    original on the `held_out` share of them. `min_agreement` (top-1) and `max_output_error`
+    leave the most damaging sites as they were until the held-out figure holds;
+    `groups="auto"` gives each site the largest group count whose held-out site error stays
+    within `max_site_error` (by default the loosest bound of a ladder at which the agreement
+    targets hold, or 0.1 without targets). `progress` is called with a line per step.
 
     `include`/`exclude` are globs on site names; `keep_last` leaves the last N sites as they
     are. ONNX only, both time each site in onnxruntime against its dense conv: `skip_slower`
@@ -63,6 +82,9 @@ def rewrite(
         )
     if skip_slower and fold_slower:
         raise UsageError("choose one of skip_slower and fold_slower")
+    calibrating = _check_calibration_options(
+        calibration, calibrate, groups, min_agreement, max_output_error, max_site_error, held_out
+    )
     if _is_keras(model):
         if skip_slower or fold_slower:
             flag = "skip_slower" if skip_slower else "fold_slower"
@@ -89,7 +111,81 @@ def rewrite(
         _, first = planner(model, mode, min_channels_per_group, seed, name, selection)
         kept = frozenset(s.name for s in first.sites[-keep_last:])
         selection = Selection(tuple(include), tuple(exclude), keep_last, kept)
-    return backend(model, mode, min_channels_per_group, seed, name, selection)
+    if calibration is None:
+        new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
+        check_accounting(report)
+        return new_model, report
+    from graphopt.calibrate import Calibration, Quality, Targets, measure
+    from graphopt.data import load_samples
+
+    if _is_keras(model):
+        from graphopt.backends.keras_calib import KerasCalibration as Adapter
+        from graphopt.backends.keras_io import input_specs
+    else:
+        from graphopt.backends.onnx_calib import OnnxCalibration as Adapter
+        from graphopt.backends.onnx_io import input_specs
+    samples = load_samples(calibration, input_specs(model), preprocess=preprocess)
+    fit, held = samples.split(held_out, seed)
+    adapter = Adapter(model, mode, min_channels_per_group, seed, name)
+    if not calibrating:
+        new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
+        check_accounting(report)
+        outputs = measure(adapter, new_model, held)
+        report.quality = Quality(len(fit), len(held), False, outputs)
+        return new_model, report
+    targets = Targets(min_agreement, max_output_error, max_site_error, groups == "auto")
+    job = Calibration(
+        adapter, fit, held, selection, min_channels_per_group, targets, progress or _silent, seed
+    )
+    new_model, report = job.run()
+    check_accounting(report)
+    return new_model, report
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _check_calibration_options(
+    data, calibrate, groups, min_agreement, max_output_error, max_site_error, held_out
+) -> bool:
+    """True when the rewrite is to be calibrated; UsageError for options that need data."""
+    if groups not in ("rule", "auto"):
+        raise UsageError(f"groups must be 'rule' or 'auto', not '{groups}'")
+    for label, value in (("min_agreement", min_agreement), ("max_output_error", max_output_error),
+                         ("max_site_error", max_site_error)):  # fmt: skip
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+            raise UsageError(f"{label} must be a non-negative number")
+    if not 0 < held_out < 1:
+        raise UsageError("held_out is the share of the data kept for measuring: between 0 and 1")
+    if min_agreement is not None and min_agreement > 1:
+        raise UsageError("min_agreement is a share of positions: between 0 and 1")
+    needs_data = groups == "auto" or any(
+        v is not None for v in (min_agreement, max_output_error, max_site_error)
+    )
+    if data is None:
+        if needs_data:
+            raise UsageError(
+                "--groups auto, --min-agreement, --max-output-error and --max-site-error "
+                "need calibration data (--calibrate DATA)"
+            )
+        return False
+    if needs_data and not calibrate:
+        raise UsageError("accuracy targets and --groups auto need calibration, not --measure")
+    return calibrate
+
+
+def check_accounting(report: Report) -> None:
+    """The model changes by exactly what its sites change (BN' included in its site); anything
+    else means the rewrite touched what it should not have, so the result must not be used."""
+    t = report.totals
+    changed = t.params_after - t.params_before
+    by_sites = sum(s.params_after - s.params_before for s in report.sites)
+    if changed != by_sites:
+        raise InternalError(
+            f"{report.model}: the rewritten model has {changed:+,} parameters but its sites "
+            f"account for {by_sites:+,}"
+        )
 
 
 def keras_counts(model) -> tuple[int, int]:
@@ -98,11 +194,25 @@ def keras_counts(model) -> tuple[int, int]:
     return int(model.count_params()), int(trainable)
 
 
-def _rewrite_keras(model, mode, min_channels_per_group, seed, name, selection, init="scratch"):
+def _rewrite_keras(
+    model,
+    mode,
+    min_channels_per_group,
+    seed,
+    name,
+    selection,
+    init="scratch",
+    weights=None,
+    found: dict | None = None,
+):
+    """The Keras rewrite; `weights` (site name -> Fitted) are given K/L, `found` receives
+    what the rewrite found of each site (see KerasRewrite.found)."""
     from graphopt.backends.keras_rewrite import KerasRewrite
 
-    job = KerasRewrite(mode, min_channels_per_group, seed, selection, init)
+    job = KerasRewrite(mode, min_channels_per_group, seed, selection, init, dict(weights or {}))
     new_model = job.model(model)
+    if found is not None:
+        found.update(job.found)
     before, after = keras_counts(model), keras_counts(new_model)
     totals = Totals(before[0], after[0], before[1], after[1])
     report = Report(
@@ -169,7 +279,7 @@ def save(model, path: str, source: str | None = None) -> int:
             raise OutputError(f"{path}: an ONNX model must be saved to a .onnx file")
         from graphopt.backends.onnx_io import save_onnx
 
-        save_onnx(model, path)
+        return save_onnx(model, path)
     else:
         if not path.endswith(".keras"):
             raise OutputError(f"{path}: a Keras model is saved as .keras; name the output *.keras")

@@ -25,3 +25,8 @@ class OutputError(GraphoptError):
 
 class UsageError(GraphoptError):
     """An option has a value that makes no sense."""
+
+
+class InternalError(GraphoptError):
+    """A check of pwgroup's own work failed: a bug in pwgroup, not in the model (CLI: exit 1,
+    nothing written)."""

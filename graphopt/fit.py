@@ -28,7 +28,10 @@ class Fitted:
     k_bias: np.ndarray | None
     l_bias: np.ndarray | None
     error: float
-    """||W - (I + L P) K|| / ||W|| (Frobenius); 0 when W is 0."""
+    """||W - (I + L P) K|| / ||W|| (Frobenius); 0 when W is 0. Calibrated weights: the
+    held-out relative error of the site's output."""
+    l_norm: tuple[np.ndarray, np.ndarray] | None = None
+    """Paper mode with a BN' after L: its scale (gamma) and shift (beta); mean 0, variance 1."""
 
 
 def block_diagonal(grouped: np.ndarray, groups: int, in_channels: int) -> np.ndarray:

@@ -29,6 +29,13 @@ def max_groups(cin: int, filters: int, min_channels_per_group: int) -> int:
     return d
 
 
+def allowed_groups(cin: int, filters: int, min_channels_per_group: int) -> list[int]:
+    """Every group count the rule allows, largest first: common divisors of cin and filters,
+    above 1 and at most cin // m (so each group has at least m input channels)."""
+    top = max_groups(cin, filters, min_channels_per_group)
+    return [d for d in range(top, 1, -1) if cin % d == 0 and filters % d == 0]
+
+
 def interleave_permutation(channels: int, groups: int) -> list[int]:
     """Source channel of each output channel: output j*N + i takes input i*s + j."""
     step = channels // groups
@@ -50,10 +57,16 @@ class SitePlan:
     """Parameters of the normalisation added for L in paper mode (0 when none)."""
     l_norm_trainable: int = 0
     runs_folded: bool = False
-    fit_error: float | None = None
-    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
     """ONNX, --fold-slower: the model holds K and L, but the site runs as one dense conv that
     onnxruntime computes from them when it loads the model (its MACs are the original's)."""
+    fit_error: float | None = None
+    """--init fit: ||W - (I + L P) K|| / ||W|| of the fitted K and L (None: scratch init)."""
+    site_error: float | None = None
+    """--calibrate: relative L2 error of the site's output against the original's on held-out
+    samples (same inputs); None when the site was not calibrated."""
+    calibrated_on: str | None = None
+    """--calibrate: whose activations the site was fitted on, "original" or "rewritten" (the
+    rewritten prefix), whichever gave the smaller held-out error."""
 
     @property
     def interleave_step(self) -> int:
@@ -86,6 +99,12 @@ class SitePlan:
         return self.k_params + self.l_params + self.l_norm_params
 
     @property
+    def saves(self) -> bool:
+        """Whether the replacement holds fewer parameters than the conv (SPEC: "Sites that save
+        nothing"); with Cin = F and two groups it does not."""
+        return self.params_after < self.params_before
+
+    @property
     def trainable_after(self) -> int:
         return self.k_params + self.l_params + self.l_norm_trainable
 
@@ -113,6 +132,7 @@ class SitePlan:
             "macs_after",
             "k_params",
             "l_params",
+            "saves",
         ):
             data[key] = getattr(self, key)
         return data
@@ -140,9 +160,17 @@ def plan_site(
     min_channels_per_group: int = DEFAULT_MIN_CHANNELS_PER_GROUP,
     positions: int | None = None,
     l_norm_per_channel: tuple[int, int] = (0, 0),
+    groups: int | None = None,
+    mode: str = PAPER,
 ) -> SitePlan | Skipped:
-    """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN."""
-    groups = max_groups(cin, filters, min_channels_per_group)
+    """Plan one site; `l_norm_per_channel` is (all, trainable) parameters per channel of L's BN;
+    `groups` overrides the rule's choice (a common divisor of cin and filters, see
+    `allowed_groups`). `linear` mode skips a site that saves nothing; `paper` mode rewrites it,
+    as the paper did."""
+    if groups is None:
+        groups = max_groups(cin, filters, min_channels_per_group)
+    elif groups < 1 or cin % groups or filters % groups:
+        raise ValueError(f"{name}: {groups} groups do not divide Cin={cin} and F={filters}")
     if groups <= 1:
         return Skipped(
             name,
@@ -152,7 +180,7 @@ def plan_site(
         )
     has_l = cin >= filters
     norm_all, norm_trainable = l_norm_per_channel if has_l else (0, 0)
-    return SitePlan(
+    plan = SitePlan(
         name=name,
         cin=cin,
         filters=filters,
@@ -162,19 +190,38 @@ def plan_site(
         l_norm_params=norm_all * filters,
         l_norm_trainable=norm_trainable * filters,
     )
+    if mode == LINEAR and not plan.saves:
+        return Skipped(
+            name,
+            f"no saving ({plan.params_before:,} parameters before, {plan.params_after:,} after)",
+            cin,
+            filters,
+        )
+    return plan
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Which sites the user wants rewritten: --include/--exclude globs and --keep-last N."""
+    """Which sites the user wants rewritten and how: --include/--exclude globs, --keep-last N,
+    sites left as they were by calibration (with the reason), and per-site group counts."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_last: int = 0
     kept: frozenset[str] = frozenset()
     """The last `keep_last` site names, found by a first pass over the model."""
+    left: tuple[tuple[str, str], ...] = ()
+    """(site name, reason) of sites left as they were by a decision other than the globs."""
+    groups: tuple[tuple[str, int], ...] = ()
+    """(site name, groups) where a site takes other groups than the rule's (--groups auto)."""
+
+    def groups_for(self, name: str) -> int | None:
+        return dict(self.groups).get(name)
 
     def skip_reason(self, name: str) -> str | None:
+        left = dict(self.left).get(name)
+        if left:
+            return left
         if self.include and not any(fnmatchcase(name, p) for p in self.include):
             return f"not matched by --include {' '.join(self.include)}"
         for pattern in self.exclude:

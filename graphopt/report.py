@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 
 from graphopt.plan import SitePlan, Skipped
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema", "report.schema.json")
+
+
+def change(pct: float) -> str:
+    """How the report words a change of parameters: a growth is never called a reduction."""
+    return f"grew by {-pct:.2f}%" if pct < 0 else f"reduced by {pct:.2f}%"
 
 
 def _pct(before: int | None, after: int | None) -> float:
@@ -50,6 +55,10 @@ class Report:
     totals: Totals
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    quality: object = None
+    """calibrate.Quality when data was given: agreement with the original on held-out samples."""
+    latency: list | None = None
+    """--latency: onnx_timing.Latency per batch size (None when not measured)."""
 
     @property
     def site_macs_before(self) -> int | None:
@@ -99,7 +108,7 @@ class Report:
             "sites": len(self.sites),
             "skipped": len(self.skipped),
         }
-        return {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "backend": self.backend,
@@ -108,7 +117,11 @@ class Report:
             "totals": totals,
             "sites": [s.as_dict() for s in self.sites],
             "skipped": [s.as_dict() for s in self.skipped],
+            **({"latency": [t.as_dict() for t in self.latency]} if self.latency else {}),
         }
+        if self.quality is not None:
+            data["quality"] = self.quality.as_dict()
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -163,13 +176,30 @@ def _site_row(s: SitePlan) -> tuple:
         s.interleave_step,
         "yes" if s.has_l else "no",
         human(s.params_before),
-        human(s.params_after),
+        human(s.params_after) + ("" if s.saves else "!"),
         human(s.macs_before),
         human(s.macs_after) + ("*" if s.runs_folded else ""),
     )
 
 
 FOLDED_NOTE = "{n} folded: the file holds K and L; onnxruntime runs them as one dense conv"
+NO_SAVING_NOTE = "{n} save nothing (paper mode rewrites them as the paper did; linear skips them)"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def latency_summary(report: Report) -> str:
+    """One line on --latency ("" without it): medians per batch size, rewritten/original."""
+    if not report.latency:
+        return ""
+    first = report.latency[0]
+    runs = ", ".join(
+        f"batch {t.batch} {_ms(t.original_ms)} -> {_ms(t.rewritten_ms)} ms ({t.ratio:.2f}x)"
+        for t in report.latency
+    )
+    return f"latency ({first.provider}, {first.threads} threads, no spinning): {runs}"
 
 
 def fit_summary(report: Report) -> str:
@@ -182,6 +212,41 @@ def fit_summary(report: Report) -> str:
         f"fit: relative kernel error {errors[0][0]:.3f} to {errors[-1][0]:.3f}, "
         f"median {median:.3f} (worst: {errors[-1][1]})"
     )
+
+
+def quality_lines(report: Report) -> list[str]:
+    """The lines on agreement with the original ([] without calibration data)."""
+    quality = report.quality
+    if quality is None:
+        return []
+    what = "calibrated on" if quality.calibrated else "measured with"
+    lines = [
+        f"quality ({what} {quality.fit_samples} samples, figures on {quality.held_out_samples} "
+        "held-out samples):"
+    ]
+    for o in quality.outputs:
+        top1 = "" if o.agreement is None else f"top-1 agreement {100 * o.agreement:.2f}%, "
+        lines.append(
+            f"  output {o.name}: {top1}relative error {o.relative_error:.4f}, cosine {o.cosine:.4f}"
+        )
+    errors = sorted((s.site_error, s.name) for s in report.sites if s.site_error is not None)
+    if errors:
+        lines.append(
+            f"  site errors {errors[0][0]:.3f} to {errors[-1][0]:.3f}, median "
+            f"{errors[len(errors) // 2][0]:.3f} (worst: {errors[-1][1]})"
+        )
+    if len(quality.curve) > 1:
+        first, last = quality.curve[0], quality.curve[-1]
+        lines.append(
+            f"  accuracy control: {len(last['sites_left'])} sites left as they were; "
+            f"{_share(first['agreement'])} at {first['reduction_pct']:.2f}% fewer parameters -> "
+            f"{_share(last['agreement'])} at {last['reduction_pct']:.2f}%"
+        )
+    return lines
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}% agreement"
 
 
 def _paint(text: str, code: str, color: bool) -> str:
@@ -206,15 +271,22 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
+    grow = sum(not s.saves for s in report.sites)
+    if grow:
+        lines.append(shorten_end("! " + NO_SAVING_NOTE.format(n=grow), width))
     fit = fit_summary(report)
     if fit:
         lines.append(shorten_end(fit, width))
+    lines += [shorten_end(line, width) for line in quality_lines(report)]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
             lines.append(shorten_end(f"  {shorten(sk.name, 30)}: {sk.reason}", width))
     lines.append("")
     lines += _totals_lines(report, color)
+    timing = latency_summary(report)
+    if timing:
+        lines.append(timing)  # not shortened: the figures are the point
     return "\n".join(lines) + "\n"
 
 
@@ -226,10 +298,10 @@ def _totals_lines(report: Report, color: bool = False) -> list[str]:
         b = "-" if before is None else f"{before:,}"
         a = "-" if after is None else f"{after:,}"
         out.append(f"{label:22}{b:>15}{a:>15}{pct:>8.2f}%")
-    pct = _paint(f"{t.reduction_pct:.2f}%", "1;32" if t.reduction_pct > 0 else "1;33", color)
+    pct = _paint(change(t.reduction_pct), "1;32" if t.reduction_pct > 0 else "1;33", color)
     out.append(
         f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
-        f"trainable parameters reduced by {pct}"
+        f"trainable parameters {pct}"
     )
     return out
 
@@ -239,7 +311,7 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"### pwgroup: `{report.model}` ({report.mode} mode)",
         "",
-        f"**Trainable parameters reduced by {t.reduction_pct:.2f}%**: "
+        f"**Trainable parameters {change(t.reduction_pct)}**: "
         f"{t.trainable_params_before:,} → {t.trainable_params_after:,} "
         f"({len(report.sites)} sites rewritten, {len(report.skipped)} skipped).",
         "",
@@ -250,6 +322,12 @@ def render_markdown(report: Report) -> str:
         b = "–" if before is None else f"{before:,}"
         a = "–" if after is None else f"{after:,}"
         lines.append(f"| {label} | {b} | {a} | {pct:.2f}% |")
+    timing = latency_summary(report)
+    if timing:
+        lines += ["", timing.replace("->", "→")]
+    quality = quality_lines(report)
+    if quality:
+        lines += ["", quality[0], ""] + [f"- {line.strip()}" for line in quality[1:]]
     lines += [
         "",
         "<details><summary>Sites</summary>",
@@ -260,12 +338,16 @@ def render_markdown(report: Report) -> str:
     for s in report.sites:
         lines.append(
             f"| `{s.name}` | {s.cin} | {s.filters} | {s.groups} | {s.interleave_step} | "
-            f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,} | "
+            f"{'yes' if s.has_l else 'no'} | {s.params_before:,} | {s.params_after:,}"
+            f"{'' if s.saves else '!'} | "
             f"{human(s.macs_before)} | {human(s.macs_after)}{'*' if s.runs_folded else ''} |"
         )
     folded = sum(s.runs_folded for s in report.sites)
     if folded:
         lines += ["", "\\* " + FOLDED_NOTE.format(n=folded)]
+    grow = sum(not s.saves for s in report.sites)
+    if grow:
+        lines += ["", "! " + NO_SAVING_NOTE.format(n=grow)]
     fit = fit_summary(report)
     if fit:
         lines += ["", fit]

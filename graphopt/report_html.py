@@ -7,13 +7,13 @@ import base64
 import html
 import io
 
-from graphopt.report import Report, human
+from graphopt.report import Report, change, human, quality_lines
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f0f0f0}
-.big{font-size:1.4em}.good{color:#1a7f37}.note{color:#666}img.chart{max-width:100%}
+.big{font-size:1.4em}.good{color:#1a7f37}.bad{color:#b35900}.note{color:#666}img.chart{max-width:100%}
 """
 
 
@@ -58,6 +58,71 @@ def chart_png(report: Report) -> bytes | None:
     return buf.getvalue()
 
 
+def quality_png(report: Report) -> bytes | None:
+    """Trainable parameters against held-out agreement (or output error) at every point the
+    calibration tried; None without matplotlib or without such points."""
+    quality = report.quality
+    points = [] if quality is None else quality.ladder + quality.curve
+    if not points:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    scores = quality.agreement is not None
+    key, label = ("agreement", "top-1 agreement") if scores else ("output_error", "output error")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for series, name, marker in ((quality.ladder, "--groups auto bounds", "o"),
+                                 (quality.curve, "sites left as they were", "s")):  # fmt: skip
+        if series:
+            ax.plot(
+                [p["trainable_params_after"] for p in series],
+                [p[key] for p in series],
+                marker=marker,
+                label=name,
+            )
+    ax.scatter(
+        [report.totals.trainable_params_after],
+        [quality.agreement if scores else quality.output_error],
+        s=120,
+        facecolors="none",
+        edgecolors="#b35900",
+        label="chosen",
+        zorder=3,
+    )
+    ax.axvline(report.totals.trainable_params_before, color="#999999", ls=":", label="original")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"held-out {label}")
+    ax.set_title("Parameters against agreement with the original")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _quality(report: Report) -> list[str]:
+    """The quality lines and the parameters-against-agreement plot ([] without data)."""
+    lines = quality_lines(report)
+    if not lines:
+        return []
+    parts = [f"<h3>{html.escape(lines[0])}</h3>", "<ul>"]
+    parts += [f"<li>{html.escape(line.strip())}</li>" for line in lines[1:]]
+    parts.append("</ul>")
+    png = quality_png(report)
+    if png is not None:
+        data = base64.b64encode(png).decode()
+        parts.append(
+            f'<img class=chart alt="Parameters against agreement" '
+            f'src="data:image/png;base64,{data}">'
+        )
+    return parts
+
+
 def _row(cells, header=False) -> str:
     tag = "th" if header else "td"
     out = []
@@ -68,11 +133,17 @@ def _row(cells, header=False) -> str:
     return "<tr>" + "".join(out) + "</tr>"
 
 
+def _changed(pct: float) -> str:
+    """'reduced by <b>X%</b>', or 'grew by' for a model that grew (never a negative cut)."""
+    verb, value = change(pct).rsplit(" ", 1)
+    return f"{verb} <b class={'good' if pct >= 0 else 'bad'}>{value}</b>"
+
+
 def _section(report: Report) -> str:
     t = report.totals
     parts = [
         f"<h2>{html.escape(report.model)}</h2>",
-        f"<p class=big>Trainable parameters reduced by <b class=good>{t.reduction_pct:.2f}%</b>"
+        f"<p class=big>Trainable parameters {_changed(t.reduction_pct)}"
         f": {t.trainable_params_before:,} → {t.trainable_params_after:,}</p>",
         f"<p>{report.backend} model, {report.mode} mode, min {report.min_channels_per_group} "
         f"channels per group; {len(report.sites)} sites rewritten, {len(report.skipped)} "
@@ -91,7 +162,12 @@ def _section(report: Report) -> str:
                 ]
             )
         )
+    for t in report.latency or []:  # --latency: onnxruntime, spinning off, threads pinned
+        label = f"latency ms, batch {t.batch} ({t.provider}, {t.threads} threads)"
+        saved = f"{100 * (1 - t.ratio):.2f}%"
+        parts.append(_row([label, f"{t.original_ms:.2f}", f"{t.rewritten_ms:.2f}", saved]))
     parts.append("</table>")
+    parts += _quality(report)
     png = chart_png(report)
     if png is not None:
         data = base64.b64encode(png).decode()

@@ -58,7 +58,7 @@ def test_rewrite_writes_a_loadable_model_and_keeps_the_input(keras_fixtures, tmp
     assert "trainable parameters" in proc.stdout and "pw" in proc.stdout
     assert file_bytes(src) == original
     data = json.loads(report.read_text())
-    assert data["mode"] == "linear" and data["schema_version"] == 1
+    assert data["mode"] == "linear" and data["schema_version"] == 2
     assert set(data["sites"][0]) >= SITE_KEYS
     assert data["totals"]["file_size_after"] == os.path.getsize(out)
     assert "| parameters |" in md.read_text()

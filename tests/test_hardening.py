@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import graphopt
 from fixtures import keras_models, onnx_models
 from graphopt.api import keras_counts
-from tests.conftest import file_bytes, run_pwgroup
+from tests.conftest import examples, file_bytes, run_pwgroup
 
 
 def _patched_keras(src: str, dst: str, patch) -> None:
@@ -110,7 +110,7 @@ def random_cnn(draw):
     return keras.Model(inp, tensors[-1], name="random_cnn")
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=random_cnn(), mode=st.sampled_from(["paper", "linear"]), m=st.sampled_from([1, 4, 16]))
 def test_random_keras_cnns_rewrite_with_counts_equal_to_the_report(model, mode, m):
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in model.layers}

@@ -173,3 +173,14 @@ def test_efficientnet_b0_linear_mode_adds_no_normalisation():
     assert report.totals.trainable_params_after == 639_702 - sum(
         2 * s.filters for s in report.sites if s.has_l and s.name.endswith("project_conv")
     )
+
+
+def test_linear_mode_skips_a_site_that_saves_nothing_and_paper_mode_keeps_it():
+    """Issue 9: 32 -> 32 with two groups holds 1,088 parameters after, 1,056 before."""
+    model = keras_models.pointwise_block(32, 32)
+    _, linear = graphopt.rewrite(model, mode="linear")
+    assert linear.sites == [] and linear.skipped[0].reason.startswith("no saving")
+    _, paper = graphopt.rewrite(model, mode="paper")
+    (plan,) = paper.sites
+    assert (plan.params_before, plan.params_after, plan.saves) == (1056, 1088, False)
+    assert paper.totals.params_after - paper.totals.params_before == 32

@@ -174,3 +174,81 @@ def test_cli_skip_slower_on_onnx_and_refused_on_keras(tmp_path, keras_fixtures):
     assert proc.returncode == 0, proc.stderr
     proc = run_pwgroup("report", keras_fixtures["residual"], "--skip-slower")
     assert proc.returncode == 2 and "applies to ONNX models" in proc.stderr
+
+
+def test_a_model_that_fails_shape_inference_is_refused_at_load(tmp_path):
+    """Issue 9: such a model passed the structural check, then failed in verification as an
+    "unexpected error". Here Conv's input has two dimensions (it needs at least three)."""
+    model = onnx_models.single_site()
+    model.graph.input[0].type.tensor_type.shape.dim.pop()
+    model.graph.input[0].type.tensor_type.shape.dim.pop()
+    onnx.checker.check_model(model)  # the structural check alone lets it through
+    path = tmp_path / "bad_shapes.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="bad_shapes.onnx: not a valid ONNX model"):
+        load_onnx(str(path))
+
+
+def test_an_input_onnxruntime_cannot_load_is_the_input_s_fault(tmp_path, capsys):
+    """A custom op passes onnx.checker but not onnxruntime: exit 2 naming the file, not a
+    "rewritten model fails" bug report."""
+    import cli
+
+    model = onnx_models.single_site()
+    model.graph.node.append(onnx.helper.make_node("MyOp", ["y"], ["z"], domain="com.example"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    src, out = tmp_path / "custom.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    assert cli.main(["rewrite", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(src) in err[0] and "cannot load the input model" in err[0]
+    assert not out.exists()
+
+
+def test_large_model_path_end_to_end_without_touching_the_model(tmp_path, monkeypatch, capsys):
+    """Issue 9: models over 2 GB. With the threshold lowered, a small model takes the path a
+    large one does: checked from its file, shape inference without weights, verified in
+    onnxruntime from a file, saved with external data one tensor at a time, and an in-memory
+    model saved stays as it was (onnx.save_model moves a large model's data out of it)."""
+    import cli
+    from fixtures.onnx_models import write_large
+    from graphopt.backends import onnx_io
+
+    src = str(tmp_path / "in" / "big.onnx")
+    os.makedirs(os.path.dirname(src))
+    write_large(src, convs=3, channels=256)
+    monkeypatch.setattr(onnx_io, "_TWO_GB", 1000)
+    model = load_onnx(src)
+    new, report = graphopt.rewrite(model)
+    assert all(s.macs_before == 256 * 256 * 4 for s in report.sites)  # shapes were inferred
+    before = new.SerializeToString()
+    size = graphopt.save(new, str(tmp_path / "o.onnx"))
+    assert new.SerializeToString() == before
+    assert size == os.path.getsize(tmp_path / "o.onnx") + os.path.getsize(tmp_path / "o.onnx.data")
+    out, json_path = str(tmp_path / "out.onnx"), tmp_path / "r.json"
+    argv = ["rewrite", src, "-o", out, "--quiet", "--json", str(json_path)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert count_params(load_onnx(out)) == report.totals.params_after
+    assert os.path.exists(out + ".data")
+    totals = __import__("json").loads(json_path.read_text())["totals"]
+    assert totals["file_size_before"] == os.path.getsize(src) + os.path.getsize(src + ".data")
+
+
+@pytest.mark.slow
+def test_a_model_over_2_gb_is_rewritten_checked_and_verified(tmp_path):
+    """Nine 8192 -> 8192 pointwise convs, 2.4 GB in one external data file."""
+    from fixtures.onnx_models import write_large
+
+    src = str(tmp_path / "big.onnx")
+    write_large(src)
+    assert os.path.getsize(src + ".data") > 2**31
+    out = str(tmp_path / "big.pwgroup.onnx")
+    proc = run_pwgroup("rewrite", src, "-o", out, "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["params_before"] == 9 * 8192 * 8192
+    assert len(report["sites"]) == 9
+    assert count_params(load_onnx(out)) == report["totals"]["params_after"]
+    assert report["totals"]["file_size_before"] > 2**31  # the .data file counts
+    assert report["totals"]["file_size_after"] < report["totals"]["file_size_before"] // 100

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import graphopt
 from fixtures import onnx_models
-from graphopt.backends.onnx_io import count_params, load_onnx
+from graphopt.backends.onnx_io import count_params, iter_graphs, load_onnx
 from graphopt.backends.onnx_verify import interface, random_feed, session, verify
 from tests.numpy_reference import grouped_pointwise, interleave, linear_site
 
@@ -141,6 +141,63 @@ def test_convs_inside_if_branches_are_rewritten_for_both_branches():
         assert got.shape == (1, 32, 4, 4) and np.isfinite(got).all()
 
 
+def _initializer_homes(model) -> dict[str, list[str]]:
+    """Initializer name -> names of the graphs that define it (subgraphs included)."""
+    homes: dict[str, list[str]] = {}
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            homes.setdefault(t.name, []).append(g.name)
+    return homes
+
+
+@pytest.mark.parametrize("mode", ["paper", "linear"])
+def test_outer_scope_weights_stay_in_the_main_graph_once(mode):
+    """Issue 9: weights of the main graph read by If/Loop bodies were copied into every body,
+    so the model grew while its sites saved parameters."""
+    model = onnx_models.outer_scope_weights()
+    new, report = graphopt.rewrite(model, mode=mode, min_channels_per_group=8)  # 4 groups 32->32
+    verify(model, new)
+    assert sorted(s.name for s in report.sites) == ["else_own_pw", "else_pw", "loop_pw"]
+    homes = _initializer_homes(new)
+    assert all(len(graphs) == 1 for graphs in homes.values()), homes
+    main = model.graph.name
+    assert homes["K3"] == [main] and homes["trips"] == [main]  # read by both branches
+    assert not {"W", "B", "LW", "E_W"} & set(homes)  # only the replaced convs read them
+    # The new weights of an outer conv live where it did; a branch's own conv stays there.
+    assert homes["else_pw_K_W"] == homes["loop_pw_K_W"] == [main]
+    assert homes["else_own_pw_K_W"] == ["else"]
+    delta = count_params(new) - count_params(model)
+    assert delta == sum(s.params_after - s.params_before for s in report.sites) < 0
+    for cond in (True, False):
+        feed = {"x": np.ones((1, 64, 4, 4), np.float32), "cond": np.array(cond)}
+        assert all(np.isfinite(out).all() for out in _run(new, feed))
+
+
+def test_a_failed_accounting_check_is_a_bug_report_and_writes_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    import cli
+    from graphopt.backends import onnx_rewrite
+
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(onnx_models.single_site(), str(src))
+    real = onnx_rewrite.count_params
+    calls = []
+
+    def miscounted(model):
+        calls.append(model)
+        return real(model) + (len(calls) > 1)  # the rewritten model holds one more
+
+    monkeypatch.setattr(onnx_rewrite, "count_params", miscounted)
+    with pytest.raises(graphopt.InternalError, match="sites account for"):
+        graphopt.rewrite(onnx_models.single_site())
+    calls.clear()
+    assert cli.main(["rewrite", str(src), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a bug in pwgroup" in err[0] and str(src) in err[0], err
+    assert not out.exists()
+
+
 def test_a_conv_used_twice_stays_one_layer_with_one_set_of_new_weights():
     model = onnx_models.shared_head()
     new, report = graphopt.rewrite(model, mode="linear", seed=3)
@@ -256,3 +313,18 @@ def test_skip_slower_is_for_onnx_only():
 
     with pytest.raises(graphopt.GraphoptError, match="ONNX"):
         graphopt.rewrite(keras_models.pointwise_block(), skip_slower=True)
+
+
+def test_linear_mode_skips_a_site_that_saves_nothing_and_paper_mode_marks_it():
+    """Issue 9: Cin = F = 32 with two groups holds 1,088 parameters after, 1,056 before."""
+    model = onnx_models.single_site(32, 32)
+    new, report = graphopt.rewrite(model, mode="linear")
+    assert report.sites == [] and report.skipped[0].reason.startswith("no saving")
+    assert count_params(new) == count_params(model)
+    new, report = graphopt.rewrite(model, mode="paper")
+    (plan,) = report.sites
+    assert (plan.params_before, plan.params_after, plan.saves) == (1056, 1088, False)
+    assert plan.as_dict()["saves"] is False
+    assert "1.1k!" in report.to_text() and "1,088! |" in report.to_markdown()
+    _, report = graphopt.rewrite(onnx_models.single_site(64, 32), mode="linear")
+    assert report.sites[0].saves and report.sites[0].as_dict()["saves"] is True

@@ -38,8 +38,8 @@ def reports():
 def test_json_validates_and_is_versioned(reports, kind):
     data = json.loads(reports[kind].to_json())
     jsonschema.validate(data, SCHEMA)
-    assert data["schema_version"] == 1 and data["backend"] == kind
-    jsonschema.validate({"schema_version": 1, "models": [data, data]}, SCHEMA)
+    assert data["schema_version"] == 2 and data["backend"] == kind
+    jsonschema.validate({"schema_version": 2, "models": [data, data]}, SCHEMA)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**data, "totals": {**data["totals"], "params_after": -1}}, SCHEMA)
 
@@ -231,3 +231,20 @@ def test_progress_spinner_shows_slow_steps_only(monkeypatch):
         pass
     assert quiet.getvalue() == ""
     assert progress.wanted(True) and not progress.wanted(False, quiet=True)
+
+
+def test_a_model_that_grows_is_never_called_reduced_and_fails_fail_under(tmp_path, capsys):
+    """Issue 9: a growth was printed as 'reduced by -27.75%'. Paper mode keeps sites that save
+    nothing (Cin = F = 32, two groups: 1,056 -> 1,088 parameters), so this model grows."""
+    import cli
+
+    new, report = graphopt.rewrite(onnx_models.single_site(32, 32), mode="paper")
+    assert report.totals.reduction_pct < 0
+    pct = f"{-report.totals.reduction_pct:.2f}%"
+    for text in (report.to_text(), report.to_markdown(), render_html([report])):
+        assert "reduced by -" not in text and "grew by" in text and pct in text
+    src = tmp_path / "grows.onnx"
+    onnx.save(onnx_models.single_site(32, 32), str(src))
+    assert cli.main(["report", str(src), "--quiet", "--fail-under", "-50"]) == 1
+    err = capsys.readouterr().err
+    assert f"grew by {pct}" in err and "reduced by" not in err

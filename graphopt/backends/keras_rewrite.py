@@ -56,8 +56,12 @@ class KerasRewrite:
     seed: int = 0
     selection: Selection = EVERY_SITE
     init: str = SCRATCH
+    weights: dict = field(default_factory=dict)
+    """Site name -> Fitted: weights given for a site (calibration), used instead of `init`."""
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    found: dict = field(default_factory=dict)
+    """Site name -> _Site of every site rewritten (what calibration reads: layers, chain)."""
 
     def __post_init__(self):
         self._rng = np.random.default_rng(self.seed)
@@ -161,18 +165,20 @@ class KerasRewrite:
                 min_channels_per_group=self.min_channels_per_group,
                 positions=_positions(layer, nodes),
                 l_norm_per_channel=_norm_per_channel(chain),
+                groups=self.selection.groups_for(name),
+                mode=self.mode,
             )
             if isinstance(plan, Skipped):
                 self.skipped.append(plan)
                 continue
-            fitted = None
-            if self.init == FIT:
+            fitted = self.weights.get(name)
+            if fitted is None and self.init == FIT:
                 kernel = keras.ops.convert_to_numpy(layer.kernel).reshape(cin, filters).T
                 bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
                 fitted = fit_site(kernel, plan, bias)
                 plan = dataclasses.replace(plan, fit_error=fitted.error)
             self.sites.append(plan)
-            sites[id(layer)] = _Site(plan, layer, chain, fitted=fitted)
+            sites[id(layer)] = self.found[name] = _Site(plan, layer, chain, fitted=fitted)
             absorbed.update(id(node.operation) for node in chain)
         return sites, absorbed
 
@@ -359,7 +365,8 @@ def _why_not(layer) -> str:
 
 
 def _put_fitted(layers: dict, fitted: Fitted) -> None:
-    """Give K and L the fitted weights (grouped kernels are stored as (1..., Cin/N, F))."""
+    """Give K and L the fitted weights (grouped kernels are stored as (1..., Cin/N, F)), and
+    BN' its scale and shift when they were fitted too."""
     for key, kernel, bias in (("k", fitted.kw, fitted.k_bias), ("l", fitted.lw, fitted.l_bias)):
         if key not in layers:
             continue
@@ -368,6 +375,15 @@ def _put_fitted(layers: dict, fitted: Fitted) -> None:
         if layer.use_bias:
             weights.append(bias)
         layer.set_weights(weights)
+    norm = next(
+        (x for x in layers.get("l_chain", []) if isinstance(x, keras.layers.BatchNormalization)),
+        None,
+    )
+    if norm is not None and fitted.l_norm is not None:
+        gamma, beta = fitted.l_norm
+        values = ([gamma] if norm.scale else []) + ([beta] if norm.center else [])
+        values += [np.zeros_like(gamma), np.ones_like(gamma)]  # moving mean, moving variance
+        norm.set_weights(values)
 
 
 def _clone_with_weights(node):

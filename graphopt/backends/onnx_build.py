@@ -32,6 +32,19 @@ def constant_value(tensor) -> np.ndarray | None:
     return None
 
 
+def constant_spec(tensor) -> np.ndarray | None:
+    """A stand-in for a constant weight with its shape and dtype but none of its data (a
+    zero-stride view), so that deciding about a site reads no weights: a model over 2 GB stays
+    in memory once."""
+    if not isinstance(tensor, gs.Constant):
+        if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant":
+            return None
+        tensor = tensor.inputs[0].attrs.get("value")
+        if not isinstance(tensor, gs.Constant):
+            return None
+    return np.broadcast_to(np.zeros((), tensor.dtype), tuple(tensor.shape))
+
+
 def foldable(plan: SitePlan, chain) -> bool:
     """Whether a site is linear up to an elementwise activation after K (see
     `SiteBuilder.folded`): a pulled BatchNormalization, or anything pulled into L's branch, is
@@ -65,6 +78,10 @@ class SiteBuilder:
 
     def _var(self, base: str) -> gs.Variable:
         return gs.Variable(self._unique(base))
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        """A new weight with a name unique in the model."""
+        return self._const(base, values)
 
     def _const(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self._unique(base), values)
@@ -121,19 +138,23 @@ class SiteBuilder:
         ]
         return out
 
-    def _branch(self, graph, x, chain, base, fresh: bool):
-        """Apply copies of the pulled BN/activation nodes; `fresh` gives BN' identity stats."""
+    def _branch(self, graph, x, chain, base, fresh: dict | None = None):
+        """Apply copies of the pulled BN/activation nodes; with `fresh` (the site's weights),
+        a BN gets BN' (identity stats), made once per site, so every use of a shared conv
+        reads the same BN'."""
         prev_in = x
         for node in chain:
             out = self._var(f"{base}_{node.op.lower()}_out")
             inputs = [x] + list(node.inputs[1:])
-            if node.op == "BatchNormalization" and fresh:
-                scale = constant_value(node.inputs[1])
-                channels, dtype = scale.shape[0], scale.dtype
-                inputs = [x] + [
-                    self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
-                    for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
-                ]
+            if node.op == "BatchNormalization" and fresh is not None:
+                if "BN'" not in fresh:
+                    scale = constant_value(node.inputs[1])
+                    channels, dtype = scale.shape[0], scale.dtype
+                    fresh["BN'"] = [
+                        self._const(f"{base}_bn_{p}", np.full(channels, v, dtype))
+                        for p, v in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))
+                    ]
+                inputs = [x, *fresh["BN'"]]
             if node.op == "Mul":  # x * Sigmoid(x): the Sigmoid was the previous chain member
                 inputs = [prev_in, x]
             prev_in = x
@@ -153,13 +174,13 @@ class SiteBuilder:
         """K, its chain, interleave, L, its chain, residual sum, applied to `x`; the output."""
         keep = (lambda params: params) if biased else (lambda params: params[:1])
         k_out = self._grouped_conv(graph, x, plan, f"{base}_K", attrs, keep(weights["K"]))
-        k_out = self._branch(graph, k_out, k_chain, f"{base}_K", fresh=False)
+        k_out = self._branch(graph, k_out, k_chain, f"{base}_K")
         mixed = self._interleave(graph, k_out, plan, base) if plan.has_interleave else k_out
         if not plan.has_l:
             return mixed
         l_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape",)}
         l_out = self._grouped_conv(graph, mixed, plan, f"{base}_L", l_attrs, keep(weights["L"]))
-        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=True)
+        l_out = self._branch(graph, l_out, l_chain, f"{base}_L", fresh=weights)
         result = self._var(f"{base}_sum_out")
         graph.nodes.append(
             gs.Node("Add", self._unique(f"{base}_sum"), {}, [k_out, l_out], [result])
@@ -203,7 +224,7 @@ class SiteBuilder:
         graph.nodes.append(
             gs.Node("Conv", self._unique(f"{base}_folded"), dict(attrs), inputs, [out])
         )
-        return self._branch(graph, out, chain, f"{base}_K", fresh=False)
+        return self._branch(graph, out, chain, f"{base}_K")
 
     def _filled(self, graph, base, shape, dtype, identity=False) -> gs.Variable:
         """Zeros of `shape` (or, 2D, an identity) made by nodes from a shape: nothing stored."""

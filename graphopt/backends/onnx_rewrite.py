@@ -12,8 +12,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.backends.onnx_build import SiteBuilder, constant_value, foldable
-from graphopt.backends.onnx_io import count_params, iter_graphs
+from graphopt.backends.onnx_build import SiteBuilder, constant_spec, constant_value, foldable
+from graphopt.backends.onnx_io import (
+    count_params,
+    is_large,
+    iter_graphs,
+    shape_only,
+    without_weights,
+)
+from graphopt.backends.onnx_scopes import Scopes
 from graphopt.fit import fit_site
 from graphopt.plan import (
     EVERY_SITE,
@@ -42,8 +49,13 @@ def rewrite_onnx(
     fold=frozenset(),
     init: str = SCRATCH,
     provider: str = "CPUExecutionProvider",
+    weights=None,
+    found: dict | None = None,
 ):
     """Rewrite every pointwise Conv of `model` (subgraphs included); return (new, report).
+
+    `weights` maps site names to given K/L (fit.Fitted, from calibration); `found`, when a
+    dict, receives a `FoundSite` per rewritten site of the main graph (what calibration reads).
 
     With `skip_slower` or `fold_slower`, each site is first timed in onnxruntime against its
     dense original (onnx_timing). A site that would run slower is left as it is with
@@ -62,15 +74,19 @@ def rewrite_onnx(
         fold,
         init,
         provider,
+        dict(weights or {}),
     )
     graph = gs.import_onnx(model)
+    job.main, job.collect = graph, found is not None
+    job.scopes = Scopes(model, graph)
     for g in [graph, *graph.subgraphs(recursive=True)]:
         job.graph(g)
+    if found is not None:
+        found.update(job.found)
     if job.sites:
         graph.toposort()
-        new = gs.export_onnx(graph, do_type_check=False)
+        new = job.scopes.export(graph, job.removed_weights)
         _keep_identity(model, new)
-        _keep_unused_initializers(model, new, job.removed_weights)
     else:
         new = onnx.ModelProto()
         new.CopyFrom(model)  # no site: the same graph, untouched by any cleanup
@@ -88,15 +104,6 @@ def rewrite_onnx(
     return new, report
 
 
-def _keep_unused_initializers(original, new, removed: set[str]) -> None:
-    """Initializers the input did not use are not ours to delete: graphsurgeon's export only
-    writes the ones a node reads, so put the others back."""
-    present = {t.name for t in new.graph.initializer}
-    for t in original.graph.initializer:
-        if t.name not in present and t.name not in removed:
-            new.graph.initializer.append(t)
-
-
 def _keep_identity(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
     """The exported model keeps the input's IR version, opsets and metadata."""
     new.ir_version = original.ir_version
@@ -109,9 +116,11 @@ def _keep_identity(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Tensor name -> inferred shape (ints or None); empty when inference cannot run."""
+    """Tensor name -> inferred shape (ints or None); empty when inference cannot run. A model
+    over 2 GB is inferred without its weights' data (inference needs only their shapes)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        source = without_weights(model, shape_only) if is_large(model) else model
+        inferred = onnx.shape_inference.infer_shapes(source, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is a nicety (MACs); the rewrite needs none
         return {}
     shapes = {}
@@ -137,12 +146,22 @@ class _OnnxRewrite:
     """"scratch" (Glorot-uniform K and L, zero biases) or "fit" (fitted to the original)."""
     provider: str = "CPUExecutionProvider"
     """The onnxruntime execution provider sites are timed on."""
+    weights: dict = field(default_factory=dict)
+    """Site name -> Fitted given for that site (calibration), used instead of `init`."""
+    collect: bool = False
+    """Fill `found` (reads each replaced kernel's data)."""
+    main: object = None
+    """The main graph (only its sites are reported in `found`: subgraph tensors cannot be
+    read out of onnxruntime)."""
+    found: dict = field(default_factory=dict)
     sites: list[SitePlan] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     removed_weights: set = field(default_factory=set)
     """Names of the weight initializers of replaced convs (they may go with them)."""
     _first_use: dict = field(default_factory=dict)
     """(weight, bias) tensor names -> label of the first Conv that uses them."""
+    scopes: Scopes | None = None
+    """Which graph holds each weight (new K and L go where the weight they replace was)."""
     _shared: dict = field(default_factory=dict)
     """(weight, bias) tensor names -> (plan, new constants) once that conv was replaced: a
     later Conv with the same weights (a layer called twice) gets the same new weights."""
@@ -155,7 +174,7 @@ class _OnnxRewrite:
         for index, node in enumerate(list(graph.nodes)):
             if node.op != "Conv":
                 continue
-            weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+            weight = constant_spec(node.inputs[1]) if len(node.inputs) > 1 else None
             label = node.name or f"Conv_{index}"
             if weight is None or weight.ndim < 3:
                 if weight is None and _looks_pointwise(node):
@@ -206,6 +225,8 @@ class _OnnxRewrite:
             min_channels_per_group=self.min_channels_per_group,
             positions=self._positions(conv.outputs[0].name),
             l_norm_per_channel=(4, 4) if has_bn else (0, 0),
+            groups=self.selection.groups_for(label),
+            mode=self.mode,
         )
         if isinstance(plan, Skipped):
             self.skipped.append(plan)
@@ -224,21 +245,40 @@ class _OnnxRewrite:
         if fold and foldable(plan, chain):
             plan = dataclasses.replace(plan, runs_folded=True)
         weights: dict[str, list] = {}
-        if self.init == FIT:
-            plan = self._fit(conv.name or label, plan, weight, bias, weights)
+        given = self.weights.get(label)
+        if given is not None or self.init == FIT:
+            kernel = constant_value(conv.inputs[1])  # the data, only now that it is needed
+            plan = self._fit(conv.name or label, plan, kernel, bias, weights, given)
+        if graph is self.main and self.collect:
+            final = (chain[-1] if chain else conv).outputs[0]
+            kernel = constant_value(conv.inputs[1])
+            self.found[label] = FoundSite(
+                conv.inputs[0].name, final.name, kernel, bias, conv.attrs, chain
+            )
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
         self._shared[key] = (plan, weights)
+        replaced = conv.inputs[1]
         self._replace(graph, conv, plan, chain, weights, weight)
+        if self.scopes is not None:
+            self.scopes.home_like([t for ts in weights.values() for t in ts], replaced, graph)
 
-    def _fit(self, base, plan, weight, bias, weights: dict) -> SitePlan:
-        """K and L fitted to the conv's kernel (and giving its bias), put in `weights`."""
-        fitted = fit_site(weight.reshape(plan.filters, plan.cin), plan, bias)
+    def _fit(self, base, plan, weight, bias, weights: dict, given=None) -> SitePlan:
+        """K and L fitted to the conv's kernel (and giving its bias), or `given` ones (with
+        BN''s scale and shift under "norm"), put in `weights`."""
+        fitted = given or fit_site(weight.reshape(plan.filters, plan.cin), plan, bias)
         rank = weight.ndim - 2
         weights["K"] = self.build.given(f"{base}_K", fitted.kw, fitted.k_bias, rank)
         if plan.has_l:
             weights["L"] = self.build.given(f"{base}_L", fitted.lw, fitted.l_bias, rank)
-        return dataclasses.replace(plan, fit_error=fitted.error)
+        if fitted.l_norm is not None:  # BN' as calibrated: mean 0, variance 1
+            scale, shift = (np.asarray(v, weight.dtype) for v in fitted.l_norm)
+            values = (scale, shift, np.zeros_like(scale), np.ones_like(scale))
+            weights["BN'"] = [
+                self.build.constant(f"{base}_L_bn_{p}", v)
+                for p, v in zip(("scale", "bias", "mean", "var"), values)
+            ]
+        return plan if given else dataclasses.replace(plan, fit_error=fitted.error)
 
     def _positions(self, tensor_name: str) -> int | None:
         shape = self.shapes.get(tensor_name)
@@ -275,6 +315,20 @@ class _OnnxRewrite:
         _remove(graph, [conv, *chain])
 
 
+@dataclass(frozen=True)
+class FoundSite:
+    """What calibration reads of a site: the tensors it reads and replaces (by name, the same
+    in the rewritten model), the original kernel (F x Cin x 1...) and bias, the conv's
+    attributes (strides) and the BN/activation nodes pulled into its branches."""
+
+    x: str
+    y: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    attrs: dict
+    chain: list
+
+
 def _remove(graph, nodes) -> None:
     """Detach `nodes` and drop Constant nodes that fed only them.
 
@@ -302,8 +356,8 @@ def _timed(plan: SitePlan, purpose: str, provider: str) -> float | None:
     """Speed of this site's replacement (linear mode, same groups) against the dense conv."""
     from graphopt.backends.onnx_timing import speed_ratio
 
-    def rewrite_alone(dense):
-        return rewrite_onnx(dense, "linear", plan.cin // plan.groups, 0, None)[0]
+    def rewrite_alone(dense):  # paper mode: it rewrites a site that saves nothing, too
+        return rewrite_onnx(dense, PAPER, plan.cin // plan.groups, 0, None)[0]
 
     return speed_ratio(plan, rewrite_alone, provider, purpose)
 

@@ -7,6 +7,10 @@ layout (NCHWc) and reorders tensors into and out of it around any node that cann
 which includes grouped convs whose groups are not multiples of the block size. Timed alone, a
 grouped site looks faster than it is inside a network. It is timed at two batch sizes, since
 memory-bound overheads grow with the batch, and the worse ratio counts.
+
+`latency` times whole models (--latency). Every timing here runs sessions with their worker
+threads' spinning off and a fixed thread count (onnx_verify.session(timing=True)), A/B runs
+interleaved, medians.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -80,8 +85,8 @@ def speed_ratio(
     spatial = _spatial(plan.positions)
     dense = _in_context(plan, spatial)
     sessions = {
-        "dense": session(dense, provider, purpose, spinning=False),
-        "new": session(rewrite(dense), provider, purpose, spinning=False),
+        "dense": session(dense, provider, purpose, timing=True),
+        "new": session(rewrite(dense), provider, purpose, timing=True),
     }
     ratios = []
     for batch in BATCHES:
@@ -101,3 +106,94 @@ def speed_ratio(
                 times[name].append(time.perf_counter() - t0)
         ratios.append(statistics.median(times["new"]) / statistics.median(times["dense"]))
     return max(ratios)
+
+
+LATENCY_BATCHES = (1, 8, 32)
+LATENCY_BUDGET_S = 3.0
+"""--latency: runs per batch size, both models together: about this long, within
+MIN_REPEATS..MAX_REPEATS pairs."""
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median latency of the original and the rewritten model at one batch size."""
+
+    batch: int
+    original_ms: float
+    rewritten_ms: float
+    provider: str
+    threads: int
+
+    @property
+    def ratio(self) -> float:
+        return self.rewritten_ms / self.original_ms
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.update(
+            original_ms=round(self.original_ms, 4),
+            rewritten_ms=round(self.rewritten_ms, 4),
+            ratio=round(self.ratio, 4),
+        )
+        return data
+
+
+def latency(
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    batches=LATENCY_BATCHES,
+    provider: str = "CPUExecutionProvider",
+) -> tuple[list[Latency], list[str]]:
+    """Time both models in onnxruntime, runs interleaved (original, rewritten, original, ...),
+    spinning off and threads pinned; medians per batch size. Returns the timings and a note for
+    each batch size the model cannot run at (a fixed batch dimension)."""
+    from graphopt.backends.onnx_verify import session, timing_threads
+
+    purpose = "to time the models for --latency"
+    sessions = [session(m, provider, purpose, timing=True) for m in (original, rewritten)]
+    used = sessions[0].get_providers()[0]
+    results, notes = [], []
+    for batch in batches:
+        feed = _batch_feed(original, sessions[0], batch)
+        if feed is None:
+            notes.append(f"batch {batch}: the model does not run at this batch size")
+            continue
+        times = _interleaved(sessions, feed)
+        results.append(Latency(batch, 1000 * times[0], 1000 * times[1], used, timing_threads()))
+    return results, notes
+
+
+def _batch_feed(model: onnx.ModelProto, ref, batch: int) -> dict | None:
+    """Random inputs with `batch` samples that the original runs on (dynamic sizes tried in
+    turn, as the verification does), or None."""
+    from graphopt.backends.onnx_verify import DYNAMIC_SIZES, random_feed
+
+    for size in DYNAMIC_SIZES:
+        feed = random_feed(model, ref, dynamic=size, batch=batch)
+        if any(x.shape[:1] != (batch,) for x in feed.values() if x.ndim):
+            return None  # a fixed leading dimension other than `batch`
+        try:
+            ref.run(None, feed)
+        except Exception:  # noqa: BLE001, S112 - the original rejects this size; try the next
+            continue
+        return feed
+    return None
+
+
+def _interleaved(sessions, feed) -> list[float]:
+    """Median seconds per run of each session, runs interleaved, after a warm-up."""
+    for s in sessions:
+        s.run(None, feed)
+        s.run(None, feed)
+    t0 = time.perf_counter()
+    for s in sessions:
+        s.run(None, feed)
+    pair = time.perf_counter() - t0
+    repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(LATENCY_BUDGET_S / max(pair, 1e-6))))
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for s, out in zip(sessions, times):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]

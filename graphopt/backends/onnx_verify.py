@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+
 import numpy as np
 import onnx
 
 from graphopt import runtime
-from graphopt.errors import GraphoptError
+from graphopt.backends.onnx_io import is_large, save_onnx
+from graphopt.errors import InputError, InternalError
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -20,8 +25,9 @@ _NP_TYPES = {
 }
 
 
-class VerificationError(GraphoptError):
-    """The rewritten model fails a check the original passes."""
+class VerificationError(InternalError):
+    """The rewritten model fails a check the original passes: a bug in pwgroup, since the
+    input passed the same checks when it was loaded."""
 
 
 def interface(model: onnx.ModelProto) -> list[tuple]:
@@ -40,13 +46,15 @@ def interface(model: onnx.ModelProto) -> list[tuple]:
     return out
 
 
-def random_feed(model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8) -> dict:
-    """Random inputs for a session; dynamic dims get `dynamic` (1 for the leading batch)."""
+def random_feed(
+    model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8, batch: int = 1
+) -> dict:
+    """Random inputs for a session; dynamic dims get `dynamic` (`batch` for the leading one)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in session.get_inputs():
         shape = [
-            d if isinstance(d, int) and d > 0 else (1 if i == 0 else dynamic)
+            d if isinstance(d, int) and d > 0 else (batch if i == 0 else dynamic)
             for i, d in enumerate(inp.shape)
         ]
         dtype = {
@@ -66,24 +74,58 @@ def random_feed(model: onnx.ModelProto, session, seed: int = 0, dynamic: int = 8
     return feed
 
 
+def timing_threads() -> int:
+    """The intra-op thread count every timing uses: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def session(
     model: onnx.ModelProto,
     provider: str = "CPUExecutionProvider",
     purpose: str = "to run an ONNX model",
-    spinning: bool = True,
+    timing: bool = False,
 ):
-    """An onnxruntime session; `spinning=False` keeps idle worker threads from busy-waiting,
-    so that two sessions timed in turn do not slow each other down."""
+    """An onnxruntime session. Every session that is timed (`timing=True`) has its worker
+    threads' spinning off and a fixed thread count (`timing_threads`): otherwise the threads
+    of one session busy-wait after each run and steal the cores of the next session timed in
+    turn (NOTES.md: B0 at batch 1 read 15-25 ms with spinning, 9-11 ms without)."""
     ort = runtime.onnxruntime(purpose)
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    if not spinning:
+    if timing:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = timing_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
     if provider in available and provider != "CPUExecutionProvider":
         providers.insert(0, provider)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    if not is_large(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with _on_disk(model) as path:  # protobuf cannot serialise it in one piece
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+@contextlib.contextmanager
+def _on_disk(model: onnx.ModelProto):
+    """The path of `model` saved (with external data) in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="pwgroup-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        save_onnx(model, path)
+        yield path
+
+
+def _checked(model: onnx.ModelProto) -> None:
+    """onnx.checker's full check, from a file for a model over 2 GB."""
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with _on_disk(model) as path:
+        onnx.checker.check_model(path, full_check=True)
 
 
 CHECK_PURPOSE = "to check the rewritten model (--no-verify skips the check)"
@@ -107,8 +149,8 @@ def verify(
     """Raise VerificationError unless `rewritten` passes the checker, keeps the interface of
     `original` and runs in onnxruntime with finite outputs of the original's shapes."""
     try:
-        onnx.checker.check_model(rewritten, full_check=True)
-    except onnx.checker.ValidationError as exc:
+        _checked(rewritten)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(
             f"the rewritten model fails onnx.checker: {str(exc).splitlines()[0]}"
         ) from exc
@@ -116,9 +158,17 @@ def verify(
         raise VerificationError("the rewritten model's inputs/outputs differ from the original's")
     runtime.onnxruntime(CHECK_PURPOSE)  # a missing runtime is not a broken model
     try:
-        ref, new = session(original, provider), session(rewritten, provider)
+        ref = session(original, provider)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
-        raise VerificationError(f"onnxruntime cannot load the model: {exc}") from exc
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            "onnxruntime cannot load the input model, so the result cannot be checked "
+            f"(--no-verify skips the check): {why}"
+        ) from exc
+    try:
+        new = session(rewritten, provider)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
+        raise VerificationError(f"onnxruntime cannot load the rewritten model: {exc}") from exc
     feed, expected = _runnable_feed(original, ref)
     if feed is None:
         return  # the original itself runs on no random input we can make: nothing to compare

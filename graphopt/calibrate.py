@@ -1,0 +1,447 @@
+"""Calibration of a rewrite on real data, written once over a small backend interface
+(SPEC "Calibration"): reconstruction site by site, agreement on held-out samples, accuracy
+control and per-site group counts.
+
+A backend (graphopt/backends/*_calib.py) knows how to build the rewrite with given weights and
+selection, read the inputs of sites out of a model, and run a model. Everything else is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from graphopt import quality as q
+from graphopt.data import Samples
+from graphopt.errors import UsageError
+from graphopt.fit import Fitted
+from graphopt.plan import Selection, SitePlan, allowed_groups
+from graphopt.reconstruct import Step, apply_steps, fit_linear, fit_paper, relative_error
+
+HELD_OUT = 0.25
+ROWS_PER_SITE = 16384
+"""Positions kept per site for fitting (sampled evenly over samples), and as many again at most
+for the held-out check: memory stays bounded whatever the data and the feature maps."""
+PAPER_ROWS = 16384
+BATCH = 32
+DEFAULT_SITE_ERROR = 0.1
+"""--groups auto without --max-site-error nor agreement targets. With targets, every site error
+measured is tried as the bound, loosest first, and the first at which they hold is kept."""
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What calibration needs of one site of a built rewrite."""
+
+    plan: SitePlan
+    x_original: object
+    """The original model's tensor that feeds the site (a name or a symbolic tensor)."""
+    x_rewritten: object
+    """The same tensor in the rewritten model."""
+    weight: np.ndarray
+    """The original kernel, F x Cin."""
+    bias: np.ndarray | None
+    strides: tuple[int, ...]
+    channel_axis: int
+    steps: list[Step]
+    """The BN/activation the site pulls into its branches (paper mode), else []."""
+
+
+@dataclass
+class Built:
+    model: object
+    report: object
+    sites: dict[str, SiteInfo]
+    """The sites that can be calibrated, in network order (others keep their init)."""
+
+
+class Backend(Protocol):
+    original: object
+    output_names: list[str]
+
+    def build(self, selection: Selection, weights: dict[str, Fitted]) -> Built: ...
+
+    def capture(self, model, samples: Samples, keys: list) -> Iterator[list[np.ndarray]]: ...
+
+    def run(self, model, samples: Samples) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the user asked for: --min-agreement, --max-output-error, --max-site-error."""
+
+    min_agreement: float | None = None
+    max_output_error: float | None = None
+    max_site_error: float | None = None
+    auto_groups: bool = False
+
+    def wanted(self) -> bool:
+        return self.min_agreement is not None or self.max_output_error is not None
+
+    def met(self, outputs: list[q.OutputQuality]) -> bool:
+        agreement = q.agreement(outputs)
+        if self.min_agreement is not None:
+            if agreement is None:
+                raise UsageError(
+                    "--min-agreement needs an output that holds class scores; "
+                    "use --max-output-error for this model"
+                )
+            if agreement < self.min_agreement:
+                return False
+        return self.max_output_error is None or q.output_error(outputs) <= self.max_output_error
+
+
+@dataclass
+class Quality:
+    """The `quality` section of the report."""
+
+    fit_samples: int
+    held_out_samples: int
+    calibrated: bool
+    outputs: list[q.OutputQuality]
+    targets: Targets = field(default_factory=Targets)
+    curve: list[dict] = field(default_factory=list)
+    """Points (trainable parameters after, agreement, output error, sites left) that
+    accuracy control went through, first all sites rewritten."""
+    ladder: list[dict] = field(default_factory=list)
+    """--groups auto: the same for each site-error bound tried (sites fitted independently)."""
+
+    @property
+    def agreement(self) -> float | None:
+        return q.agreement(self.outputs)
+
+    @property
+    def output_error(self) -> float:
+        return q.output_error(self.outputs)
+
+    def as_dict(self) -> dict:
+        targets = {k: v for k, v in dataclasses.asdict(self.targets).items() if v}
+        return {
+            "fit_samples": self.fit_samples,
+            "held_out_samples": self.held_out_samples,
+            "calibrated": self.calibrated,
+            "agreement": self.agreement,
+            "output_error": self.output_error,
+            "outputs": [o.as_dict() for o in self.outputs],
+            "targets": targets,
+            "curve": self.curve,
+            "ladder": self.ladder,
+        }
+
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---- activations as rows ----------------------------------------------------------------------
+
+
+def _rows(array: np.ndarray, info: SiteInfo, keep: int, seed) -> np.ndarray:
+    """Positions of one batch as rows (n x Cin): the strided positions K reads, `keep` of
+    them per sample, picked with `seed` (so the original and the rewrite give the same ones)."""
+    x = np.moveaxis(np.asarray(array), info.channel_axis, -1)
+    spatial = tuple(slice(None, None, s) for s in info.strides)
+    x = x[(slice(None), *spatial)] if spatial else x
+    per_sample = x.reshape(len(x), -1, x.shape[-1])
+    count = per_sample.shape[1]
+    if keep < count:
+        rng = np.random.default_rng(seed)
+        pick = np.stack([rng.choice(count, keep, replace=False) for _ in per_sample])
+        per_sample = np.take_along_axis(per_sample, pick[..., None], axis=1)
+    return per_sample.reshape(-1, x.shape[-1]).astype(np.float64)
+
+
+def _capture_rows(backend, model, samples, infos, keys, budget) -> dict[str, np.ndarray]:
+    """Rows of each site's input over `samples` (at most `budget` rows per site); the same
+    positions for the same site and samples, whichever model they are read from."""
+    names = list(infos)
+    keep = max(1, -(-budget // len(samples)))
+    parts: dict[str, list] = {n: [] for n in names}
+    for index, arrays in enumerate(backend.capture(model, samples, keys)):
+        for n, array in zip(names, arrays):
+            parts[n].append(_rows(array, infos[n], keep, (index, zlib.crc32(n.encode()))))
+    return {n: np.concatenate(parts[n])[:budget] for n in names}
+
+
+def _target(info: SiteInfo, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(what the site replaces computes on `x`, the conv's own output before BN/activation)."""
+    pre = x @ info.weight.T.astype(np.float64)
+    if info.bias is not None:
+        pre = pre + info.bias
+    return apply_steps(pre, info.steps), pre
+
+
+# ---- one site ----------------------------------------------------------------------------------
+
+
+def predict(info: SiteInfo, plan: SitePlan, fitted: Fitted, x: np.ndarray) -> np.ndarray:
+    """The rewritten site's output on rows `x` (NumPy; BN' as fitted)."""
+    from graphopt.reconstruct import _Blocks
+
+    b = _Blocks(plan)
+    kb = np.asarray(fitted.kw, np.float64).reshape(b.n, b.s, b.c)
+    z = b.grouped(kb, x.T).T
+    if fitted.k_bias is not None:
+        z = z + fitted.k_bias
+    u = apply_steps(z, info.steps)
+    mixed = u[:, b.perm]
+    if not plan.has_l:
+        return mixed
+    lb = np.asarray(fitted.lw, np.float64).reshape(b.n, b.s, b.s)
+    v = b.grouped(lb, mixed.T).T
+    if fitted.l_bias is not None:
+        v = v + fitted.l_bias
+    steps = info.steps
+    if fitted.l_norm is not None:
+        eps = next(s.epsilon for s in steps if s.kind == "affine")
+        scale = np.asarray(fitted.l_norm[0], np.float64) / np.sqrt(1 + eps)
+        steps = [
+            Step("affine", scale, np.asarray(fitted.l_norm[1], np.float64))
+            if s.kind == "affine"
+            else s
+            for s in steps
+        ]
+    return u + apply_steps(v, steps)
+
+
+def solve(info: SiteInfo, plan: SitePlan, x: np.ndarray, seed: int = 0) -> Fitted:
+    """New weights for the site that reproduce, on rows `x`, what the original computes."""
+    target, pre = _target(info, x)
+    if not info.steps:
+        return fit_linear(plan, x, target)
+    keep = slice(0, PAPER_ROWS)
+    return fit_paper(plan, x[keep], target[keep], pre[keep], info.steps, seed)
+
+
+def held_out_error(info, plan, fitted, x_seen, x_original) -> float:
+    """Relative error of the site's output on held-out rows it sees (`x_seen`) against what
+    the original computes on the same samples' original rows."""
+    return relative_error(predict(info, plan, fitted, x_seen), _target(info, x_original)[0])
+
+
+# ---- the whole model --------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """One calibration run: the backend, the data split and what the user asked for."""
+
+    backend: Backend
+    fit: Samples
+    held_out: Samples
+    selection: Selection
+    min_channels_per_group: int
+    targets: Targets = field(default_factory=Targets)
+    say: Say = _quiet
+    seed: int = 0
+
+    def run(self):
+        """Calibrate; return (model, report) with the quality section filled in."""
+        self.ladder: list[dict] = []
+        built = self.backend.build(self.selection, {})
+        infos = built.sites
+        original = self.backend.original
+        self.say(f"reading the inputs of {len(infos)} sites in the original model")
+        keys = [i.x_original for i in infos.values()]
+        self.x_fit = _capture_rows(self.backend, original, self.fit, infos, keys, ROWS_PER_SITE)
+        self.x_hold = _capture_rows(
+            self.backend, original, self.held_out, infos, keys, ROWS_PER_SITE
+        )
+        self.reference = self.backend.run(original, self.held_out)
+        selection = self.selection
+        if self.targets.auto_groups:
+            selection = self._auto_groups(infos, selection)
+        model, report, weights = self._sequential(selection)
+        outputs = self._compare(model)
+        curve = [self._point(report, outputs, [])]
+        if self.targets.wanted() and not self.targets.met(outputs):
+            model, report, outputs = self._control(selection, weights, report, outputs, curve)
+        report.quality = Quality(
+            len(self.fit), len(self.held_out), True, outputs, self.targets, curve, self.ladder
+        )
+        return model, report
+
+    def _compare(self, model) -> list[q.OutputQuality]:
+        return q.compare(
+            self.backend.output_names, self.reference, self.backend.run(model, self.held_out)
+        )
+
+    def _point(self, report, outputs, left: list[str]) -> dict:
+        return {
+            "trainable_params_after": report.totals.trainable_params_after,
+            "reduction_pct": report.totals.reduction_pct,
+            "agreement": q.agreement(outputs),
+            "output_error": q.output_error(outputs),
+            "sites_left": list(left),
+        }
+
+    def _auto_groups(self, infos, selection: Selection) -> Selection:
+        """Per site the largest group count within the site-error bound (given, or the
+        loosest of the ladder at which the targets hold with sites fitted independently)."""
+        errors = {}  # (site, groups) -> held-out error, each fitted once
+        for i, (name, info) in enumerate(infos.items(), 1):
+            for groups in allowed_groups(
+                info.plan.cin, info.plan.filters, self.min_channels_per_group
+            ):
+                plan = dataclasses.replace(info.plan, groups=groups)
+                fitted = solve(info, plan, self.x_fit[name], self.seed)
+                error = held_out_error(info, plan, fitted, self.x_hold[name], self.x_hold[name])
+                errors[name, groups] = (error, fitted)
+            found = [f"{g}: {e[0]:.3f}" for (n, g), e in errors.items() if n == name]
+            self.say(f"groups {i}/{len(infos)} {name}: held-out error {', '.join(found)}")
+        bound = self.targets.max_site_error
+        if bound is None and not self.targets.wanted():
+            bound = DEFAULT_SITE_ERROR
+        if bound is not None:
+            return self._grouped(infos, selection, errors, bound)
+        tried = set()
+        for bound in sorted({round(e, 6) for e, _ in errors.values()}, reverse=True):
+            trial = self._grouped(infos, selection, errors, bound)
+            grouping = tuple(sorted(self._groups_of(infos, trial).items()))
+            if grouping in tried:
+                continue
+            tried.add(grouping)
+            weights = {n: errors[n, g][1] for n, g in self._groups_of(infos, trial).items()}
+            built = self.backend.build(trial, weights)
+            outputs = self._compare(built.model)
+            self.say(
+                f"site error bound {bound:g}: {built.report.totals.reduction_pct:.2f}% fewer "
+                f"parameters, agreement {q.agreement(outputs)}, output error "
+                f"{q.output_error(outputs):.3f}"
+            )
+            self.ladder.append(self._point(built.report, outputs, []) | {"site_error": bound})
+            if self.targets.met(outputs):
+                return trial
+        return trial
+
+    def _groups_of(self, infos, selection: Selection) -> dict[str, int]:
+        left = dict(selection.left)
+        chosen = dict(selection.groups)
+        return {n: chosen.get(n, i.plan.groups) for n, i in infos.items() if n not in left}
+
+    def _grouped(self, infos, selection: Selection, errors, bound: float) -> Selection:
+        groups, left = list(selection.groups), list(selection.left)
+        for name, info in infos.items():
+            within = [g for (n, g), (e, _) in errors.items() if n == name and e <= bound]
+            chosen = max(within, default=None)
+            error = min((e for (n, _), (e, _) in errors.items() if n == name), default=np.inf)
+            if chosen is None:
+                left.append(
+                    (
+                        name,
+                        f"no group count keeps the site error within {bound:g} "
+                        f"(best {error:.3f}; --groups auto)",
+                    )
+                )
+            elif chosen != info.plan.groups:
+                groups.append((name, chosen))
+        return dataclasses.replace(selection, groups=tuple(groups), left=tuple(left))
+
+    def _sequential(self, selection: Selection):
+        """Fit each site in network order; each sees the inputs of the original or of the
+        rewritten prefix (earlier sites already fitted), whichever holds out better."""
+        weights: dict[str, Fitted] = {}
+        self.alone: dict[str, Fitted] = {}
+        """Each site fitted on the original's inputs: what it does when rewritten alone."""
+        built = self.backend.build(selection, weights)
+        plans: dict[str, SitePlan] = {}
+        names = list(built.sites)
+        for i, name in enumerate(names, 1):
+            info = built.sites[name]
+            xo_fit, xo_hold = self.x_fit[name], self.x_hold[name]
+            candidates = {"original": solve(info, info.plan, xo_fit, self.seed)}
+            self.alone[name] = candidates["original"]
+            xr_hold = xo_hold
+            if i > 1:
+                one = {name: info}
+                key = [info.x_rewritten]
+                xr_fit = _capture_rows(
+                    self.backend, built.model, self.fit, one, key, ROWS_PER_SITE
+                )[name]
+                xr_hold = _capture_rows(
+                    self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE
+                )[name]
+                candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed)
+            scored = {
+                k: held_out_error(info, info.plan, f, xr_hold, xo_hold)
+                for k, f in candidates.items()
+            }
+            chosen = min(scored, key=scored.get)
+            weights[name] = candidates[chosen]
+            site_error = held_out_error(info, info.plan, weights[name], xo_hold, xo_hold)
+            plans[name] = dataclasses.replace(
+                info.plan, site_error=round(site_error, 6), calibrated_on=chosen
+            )
+            self.say(
+                f"calibrating site {i}/{len(names)} {name}: error {site_error:.3f} "
+                f"(fitted on the {chosen} inputs)"
+            )
+            if i < len(names):
+                built = self.backend.build(selection, weights)
+        built = self.backend.build(selection, weights)
+        report = built.report
+        report.sites = [plans.get(s.name, s) for s in report.sites]
+        self.weights_plans = plans
+        return built.model, report, weights
+
+    def _control(self, selection, weights, report, outputs, curve):
+        """Leave sites as they were, the most damaging first, until the targets hold."""
+        ranking = self._rank(selection, weights)
+        left: list[str] = []
+        for name, damage in ranking:
+            left.append(name)
+            error = self.weights_plans[name].site_error
+            reason = f"kept for agreement (site error {error:.3f})"
+            trial = dataclasses.replace(selection, left=selection.left + ((name, reason),))
+            selection = trial
+            built = self.backend.build(selection, weights)
+            outputs = self._compare(built.model)
+            curve.append(self._point(built.report, outputs, left) | {"damage_alone": damage})
+            self.say(
+                f"left {name} as it was: agreement {q.agreement(outputs)}, output error "
+                f"{q.output_error(outputs):.3f}"
+            )
+            if self.targets.met(outputs):
+                break
+        # the remaining sites see other inputs now: fit them again in that context
+        model, report, _ = self._sequential(selection)
+        outputs = self._compare(model)
+        curve.append(self._point(report, outputs, left) | {"refitted": True})
+        return model, report, outputs
+
+    def _rank(self, selection, weights) -> list[tuple[str, float]]:
+        """Each site's damage alone: the loss of agreement (or the output error) of the
+        original with only that site rewritten."""
+        names = [n for n in weights]
+        damage = {}
+        for i, name in enumerate(names, 1):
+            others = tuple((n, "ranking") for n in names if n != name)
+            built = self.backend.build(
+                dataclasses.replace(selection, left=selection.left + others), self.alone
+            )
+            outputs = self._compare(built.model)
+            agreement = q.agreement(outputs)
+            damage[name] = (
+                (1 - agreement)
+                if agreement is not None and (self.targets.min_agreement is not None)
+                else q.output_error(outputs)
+            )
+            self.say(f"ranking {i}/{len(names)} {name}: damage alone {damage[name]:.4f}")
+        return sorted(damage.items(), key=lambda kv: -kv[1])
+
+
+def measure(backend: Backend, model, held_out: Samples) -> list[q.OutputQuality]:
+    """Agreement of `model` with the backend's original on `held_out` (no fitting)."""
+    return q.compare(
+        backend.output_names,
+        backend.run(backend.original, held_out),
+        backend.run(model, held_out),
+    )

@@ -1,0 +1,68 @@
+"""How closely a rewritten model follows its original on the same inputs (SPEC "Agreement").
+
+An output whose last axis holds class scores (a 2-D output, or one whose last axis sums to 1,
+as after a softmax: classifiers, CTC sequences, per-position maps) is compared by top-1
+agreement per position; every output also by relative L2 error and cosine similarity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OutputQuality:
+    name: str
+    agreement: float | None
+    """Share of positions whose top-1 class is the original's (None: not class scores)."""
+    relative_error: float
+    cosine: float
+    positions: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def holds_scores(array: np.ndarray) -> bool:
+    """Class scores on the last axis: (N, classes) or a softmax along the last axis."""
+    if array.ndim < 2 or array.shape[-1] < 2 or not np.issubdtype(array.dtype, np.floating):
+        return False
+    if array.ndim == 2:
+        return True
+    sums = array.reshape(-1, array.shape[-1]).sum(-1)
+    return bool(np.all(array >= 0) and np.allclose(sums, 1.0, atol=1e-3))
+
+
+def compare(names: list[str], original: list[np.ndarray], rewritten: list[np.ndarray]):
+    """One OutputQuality per output."""
+    out = []
+    for name, a, b in zip(names, original, rewritten):
+        a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+        rel = float(np.linalg.norm(a64 - b64)) / (norm_a or 1.0)
+        cos = float(a64 @ b64) / ((norm_a * norm_b) or 1.0)
+        agreement, positions = None, int(np.asarray(a).shape[0])
+        if holds_scores(np.asarray(a)):
+            top_a = np.argmax(a, axis=-1).ravel()
+            top_b = np.argmax(b, axis=-1).ravel()
+            agreement, positions = float(np.mean(top_a == top_b)), int(top_a.size)
+        out.append(OutputQuality(name, agreement, round(rel, 6), round(cos, 6), positions))
+    return out
+
+
+def agreement(outputs: list[OutputQuality]) -> float | None:
+    """The worst top-1 agreement over the outputs that hold class scores."""
+    values = [o.agreement for o in outputs if o.agreement is not None]
+    return min(values) if values else None
+
+
+def output_error(outputs: list[OutputQuality]) -> float:
+    """The worst relative L2 error over all outputs."""
+    return max(o.relative_error for o in outputs)
+
+
+def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of samples whose top-1 class is the label (a classifier's first output)."""
+    return float(np.mean(np.argmax(outputs, axis=-1).ravel() == np.asarray(labels).ravel()))
