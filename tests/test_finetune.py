@@ -216,8 +216,13 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnis
     resumes at epoch 2 and ends where an uninterrupted run ends (within noise); the input models
     are never modified."""
     before = {k: file_bytes(fmnist[k]) for k in ("teacher", "student")}
+    # batch 16: epochs of 24 steps, so that the signal sent on the first epoch's line arrives
+    # before the second epoch ends even when this process is slow to read that line
+    small = ("--batch-size", "16")
     whole = tmp_path / "whole.keras"
-    proc = run_pwgroup(*_finetune_args(fmnist, whole, "--json", str(tmp_path / "whole.json")))
+    proc = run_pwgroup(
+        *_finetune_args(fmnist, whole, "--json", str(tmp_path / "whole.json"), *small)
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout  # one line per epoch
@@ -228,7 +233,7 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnis
     assert not os.path.exists(str(whole) + ".checkpoint")
 
     out = tmp_path / "resumed.keras"
-    args = _finetune_args(fmnist, out, "--json", str(tmp_path / "resumed.json"))
+    args = _finetune_args(fmnist, out, "--json", str(tmp_path / "resumed.json"), *small)
     run = subprocess.Popen(["pwgroup", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)  # fmt: skip
     for line in run.stdout:
