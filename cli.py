@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("model", help=".keras or .h5 file, or keras.applications:Name")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     export.add_argument("--opset", type=_positive, default=17)
+    _finetune_parser(sub)
     for p in (rewrite, report):
         p.add_argument(
             "--mode",
@@ -151,6 +152,54 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="distil the original model into its rewrite (labels optional), on one device or many",
+    )
+    p.add_argument("model", nargs=2, metavar=("ORIGINAL", "REWRITTEN"), help=".keras or .h5 files")
+    p.add_argument("--data", required=True, help=".npy/.npz file, a folder of them or of images")
+    p.add_argument("-o", "--output", required=True, help="the .keras file to write")
+    p.add_argument("--epochs", type=_positive, default=5)
+    p.add_argument("--batch-size", type=_positive, default=128, help="global batch (default 128)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam, cosine decay (default 2e-3)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softens class scores (2)")
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="weight of cross-entropy with labels (0.5)"
+    )
+    p.add_argument(
+        "--train-only",
+        choices=("all", "sites"),
+        default="all",
+        help="all layers (default), or only the new K/L and their BatchNormalization",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("auto", "one", "mirrored", "multiworker"),
+        default="auto",
+        help="tf.distribute: auto (multiworker with TF_CONFIG, mirrored with several GPUs)",
+    )
+    p.add_argument(
+        "--validation-split", type=float, default=0.1, help="share of DATA held out (0.1)"
+    )
+    p.add_argument("--validation-data", metavar="DATA", help="held-out samples instead")
+    p.add_argument(
+        "--preprocess",
+        choices=("0..1", "-1..1", "imagenet", "none"),
+        default="0..1",
+        help="image folders: pixel scaling (default 0..1)",
+    )
+    p.add_argument("--limit", type=_positive, metavar="N", help="use the first N samples")
+    p.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="checkpoints each epoch (default OUT.checkpoint)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the closing report as JSON")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--trust-model", action="store_true", help="load models that run code")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -382,6 +431,79 @@ def _run_one(graphopt, args, source: str, output: str | None):
     return report
 
 
+def _precheck_finetune(args) -> str | None:
+    for path in (args.data, args.validation_data):
+        if path is not None and not os.path.exists(path):
+            return f"{path}: no such file or folder"
+    if not args.output.endswith(".keras"):
+        return f"{args.output}: the fine-tuned model is saved as .keras; name the output *.keras"
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        return f"{args.output}: folder {folder} does not exist"
+    for source in args.model:
+        if os.path.exists(args.output) and os.path.samefile(source, args.output):
+            return f"{args.output}: refusing to overwrite the input model"
+    return None
+
+
+def _finetune(graphopt, args, sources: list[str]) -> int:
+    """Load both models, distil, and (the chief only) write the model and the report."""
+    from graphopt.backends import keras_distill
+
+    for source in sources:
+        if graphopt.model_kind(source) != "keras":
+            return _fail(
+                f"{source}: finetune takes Keras models; fine-tune an ONNX model in the framework "
+                "it came from (see the README)"
+            )
+    strategy = keras_distill.make_strategy(args.strategy)  # before any model is built
+    teacher, student = (graphopt.load(s, trust_model=args.trust_model) for s in sources)
+    checkpoint = args.checkpoint_dir or args.output + ".checkpoint"
+    try:
+        model, result = graphopt.finetune(
+            teacher,
+            student,
+            args.data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            train_only=args.train_only,
+            strategy=strategy,
+            validation_split=args.validation_split,
+            validation_data=args.validation_data,
+            preprocess=args.preprocess,
+            limit=args.limit,
+            checkpoint_dir=checkpoint,
+            seed=args.seed,
+            verbose=0 if args.quiet else "auto",
+            teacher_name=sources[0],
+            student_name=sources[1],
+        )
+    except KeyboardInterrupt:
+        from graphopt.finetune import resume_epoch
+
+        done = resume_epoch(checkpoint)
+        if not done:
+            return _fail("interrupted before the first epoch ended; nothing to resume", 130)
+        return _fail(
+            f"interrupted; {checkpoint} holds epoch {done} of {args.epochs}: run the same "
+            "command again to resume at the next epoch",
+            130,
+        )
+    if result.chief:
+        size = graphopt.save(model, args.output, source=sources[1])
+        if args.json:
+            _write_text(args.json, result.to_json(), sources)
+    keras_distill.remove_checkpoint(result.checkpoint)
+    if not args.quiet:
+        sys.stdout.write(result.to_text())
+        if result.chief:
+            print(f"wrote {args.output} ({size:,} bytes)")
+    return EXIT_OK
+
+
 def _say(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
@@ -462,9 +584,13 @@ def _main(args) -> int:
         problem = _precheck(source)
         if problem:
             return _fail(problem)
+    if args.command == "finetune" and (problem := _precheck_finetune(args)):
+        return _fail(problem)
     with _silenced_stderr():
         import graphopt
     _check_runtime(graphopt, args, sources)
+    if args.command == "finetune":
+        return _finetune(graphopt, args, sources)
     if args.command == "export":
         return _export(graphopt, args, sources[0])
     output = None
@@ -528,8 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         from graphopt.errors import GraphoptError, InternalError
 
         models = args.model if isinstance(args.model, list) else [args.model]
+        named = models + [
+            p for p in (getattr(args, "data", None), getattr(args, "output", None)) if p
+        ]
         line = _one_line(exc)
-        if not any(m in line for m in models):
+        if not any(m in line for m in named):
             line = f"{', '.join(models)}: {line}"  # every message names the file
         if isinstance(exc, InternalError):
             return _fail(

@@ -21,6 +21,7 @@ from graphopt.api import (  # noqa: E402
     save,
 )
 from graphopt.errors import GraphoptError, InternalError  # noqa: E402
+from graphopt.finetune import FinetuneResult, finetune  # noqa: E402
 from graphopt.plan import SitePlan, Skipped, max_groups, plan_site  # noqa: E402
 from graphopt.report import Report, Totals  # noqa: E402
 
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "export_onnx",
+    "finetune",
+    "FinetuneResult",
     "GraphoptError",
     "InternalError",
     "Report",

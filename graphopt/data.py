@@ -11,6 +11,8 @@ backends describe their inputs as `InputSpec`s.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -173,7 +175,7 @@ def _from_path(path: str, specs: list[InputSpec], preprocess: str) -> Samples:
 def _load_array(path: str):
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot be read as NumPy data ({_first_line(exc)})") from None
 
 
@@ -191,7 +193,10 @@ def _from_npy(path: str, specs: list[InputSpec]) -> Samples:
 
 def _from_npz(path: str, specs: list[InputSpec]) -> Samples:
     with _load_array(path) as archive:
-        arrays = {k: archive[k] for k in archive.files}
+        try:
+            arrays = {k: archive[k] for k in archive.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise InputError(f"{path}: cannot be read as NumPy data ({_first_line(exc)})") from None
     labels = next((arrays.pop(k) for k in LABEL_KEYS if k in arrays), None)
     names = [s.name for s in specs]
     if len(specs) == 1 and len(arrays) == 1 and names[0] not in arrays:

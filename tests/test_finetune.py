@@ -1,0 +1,371 @@
+"""graphopt.finetune / `pwgroup finetune`: distillation of the trained Fashion-MNIST CNN into its
+rewrite, with tiny budgets (a few hundred images, 1-2 epochs) and thresholds that hold across
+seeds; bad input; checkpoints and resuming; mirrored and multi-worker runs; ONNX export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, file_bytes, run_pwgroup
+
+TEACHER = os.path.join(REPO, "fixtures", "fmnist_mobilenet.keras")
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(TEACHER), reason="fixtures/fmnist_mobilenet.keras is not there"
+)
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    """The teacher, its paper-mode rewrite, 384 training images (labels in `y`), 256 test."""
+    from fixtures import fashion_mnist
+
+    fashion_mnist_ok = fashion_mnist.available()
+    if not fashion_mnist_ok:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    import graphopt
+
+    folder = tmp_path_factory.mktemp("fmnist")
+    teacher = graphopt.load(TEACHER)
+    student, _ = graphopt.rewrite(teacher, mode="paper", seed=0)
+    paths = {"teacher": TEACHER, "student": str(folder / "student.keras")}
+    graphopt.save(student, paths["student"])
+    x, y = fashion_mnist.load("train", limit=384)
+    xt, yt = fashion_mnist.load("test", limit=256)
+    for name, arrays in {
+        "train": {"image": x, "y": y},
+        "unlabelled": {"image": x},
+        "test": {"image": xt, "y": yt},
+        "bad_labels": {"image": x, "y": y + 5},
+    }.items():
+        paths[name] = str(folder / f"{name}.npz")
+        np.savez(paths[name], **arrays)
+    paths["folder"] = str(folder)
+    return paths
+
+
+def _finetune_args(fmnist, out, *extra):
+    return (
+        "finetune",
+        fmnist["teacher"],
+        fmnist["student"],
+        "--data",
+        fmnist["unlabelled"],
+        "--validation-data",
+        fmnist["test"],
+        "-o",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        *extra,
+    )
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+
+
+def test_evaluate_agreement_accuracy_and_relative_error():
+    from graphopt.finetune import evaluate
+
+    teacher = np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]
+    student = np.eye(4, dtype=np.float32)[[0, 1, 2, 0]]
+    values = np.ones((4, 3), np.float32)
+    result = evaluate(
+        [student, values * 1.1],
+        [teacher, values],
+        ["probabilities", "values"],
+        labels=np.array([0, 1, 3, 3]),
+        labelled=0,
+    )
+    assert result.agreement == pytest.approx(0.75)
+    assert result.accuracy == pytest.approx(0.5)
+    assert result.relative_error == pytest.approx(0.1, rel=1e-4)
+
+
+def test_reestimated_batchnorm_statistics_are_the_average_of_batch_statistics():
+    import keras
+
+    from graphopt.backends.keras_distill import reestimate_batchnorm
+
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.BatchNormalization(momentum=0.99)(inp))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(5.0, 2.0, (50, 3)).astype(np.float32) for _ in range(4)]
+    assert reestimate_batchnorm(model, batches) == 1
+    bn = model.layers[-1]
+    want_mean = np.mean([b.mean(0) for b in batches], axis=0)
+    want_var = np.mean([b.var(0) for b in batches], axis=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), want_mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), want_var, rtol=1e-4)
+    assert bn.momentum == 0.99
+
+
+def test_distillation_loss_is_zero_when_the_student_is_the_teacher():
+    import keras
+
+    from graphopt.backends.keras_distill import Distiller
+
+    probs = keras.ops.softmax(np.random.default_rng(0).normal(size=(8, 5)).astype("float32"))
+    loss = Distiller(None, None, ["probabilities"], 2.0, 0.0).compute_loss(
+        y={"t0": probs}, y_pred=probs
+    )
+    assert float(loss) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_train_only_sites_trains_k_l_and_their_batchnorm(fmnist):
+    import graphopt
+    from graphopt.backends.keras_distill import copy_model, freeze_all_but_sites
+
+    student = copy_model(graphopt.load(fmnist["student"]))
+    freeze_all_but_sites(student)
+    names = sorted(w.path.split("/")[0] for w in student.trainable_weights)
+    assert names and all(n.endswith(("_k", "_l", "_bn", "_bn_l")) for n in names), names
+    assert any(n.endswith("_bn_l") for n in names)
+    assert not any(n.startswith(("stem", "scores")) for n in names)
+
+
+# ---- bad input: one line naming the file, exit 2, nothing written ------------------------------
+
+
+def test_library_refuses_a_student_with_other_outputs(fmnist):
+    import keras
+
+    import graphopt
+    from graphopt.errors import InputError
+
+    teacher = graphopt.load(fmnist["teacher"])
+    other = keras.Model(teacher.inputs, teacher.layers[-2].output)  # pooled features, not scores
+    with pytest.raises(InputError, match="outputs"):
+        graphopt.finetune(teacher, other, fmnist["train"], teacher_name="t", student_name="s")
+
+
+def test_library_refuses_a_student_that_is_not_a_rewrite(fmnist):
+    import keras
+
+    import graphopt
+    from graphopt.errors import InputError
+
+    teacher = graphopt.load(fmnist["teacher"])
+    inp = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inp))
+    stranger = keras.Model(inp, keras.layers.Dense(10, activation="softmax")(x))
+    with pytest.raises(InputError, match="not a rewrite"):
+        graphopt.finetune(teacher, stranger, fmnist["train"], student_name="stranger.keras")
+
+
+def test_library_refuses_labels_that_do_not_match_the_output(fmnist):
+    import graphopt
+    from graphopt.errors import InputError
+
+    teacher, student = graphopt.load(fmnist["teacher"]), graphopt.load(fmnist["student"])
+    with pytest.raises(InputError, match="bad_labels.npz: labels range 5..14.*10 classes"):
+        graphopt.finetune(teacher, student, fmnist["bad_labels"])
+
+
+@pytest.mark.parametrize("case", ["unreadable", "swapped", "labels", "missing"])
+def test_cli_bad_input_is_one_line_exit_2_nothing_written(fmnist, tmp_path, case):
+    data = fmnist["unlabelled"]
+    models = [fmnist["teacher"], fmnist["student"]]
+    if case == "unreadable":
+        data = str(tmp_path / "broken.npz")
+        with open(data, "wb") as f:
+            f.write(b"PK\x03\x04 not really a zip")
+    elif case == "labels":
+        data = fmnist["bad_labels"]
+    elif case == "missing":
+        data = str(tmp_path / "nothing.npz")
+    else:
+        import keras
+
+        import graphopt
+
+        teacher = graphopt.load(fmnist["teacher"])
+        inp = keras.Input((32, 32, 3), name="image")
+        x = keras.layers.GlobalAveragePooling2D()(inp)
+        graphopt.save(keras.Model(inp, keras.layers.Dense(5)(x)), str(tmp_path / "five.keras"))
+        del teacher
+        models[1] = str(tmp_path / "five.keras")
+    out = tmp_path / "out.keras"
+    proc = run_pwgroup("finetune", *models, "--data", data, "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pwgroup: "), proc.stderr
+    named = {"unreadable": data, "labels": data, "missing": data, "swapped": models[1]}[case]
+    assert named in lines[0]
+    assert not out.exists()
+    assert not os.path.exists(str(out) + ".checkpoint")
+
+
+# ---- training runs ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnist, tmp_path):
+    """Ctrl-C after epoch 1 leaves the checkpoint and says how to resume; the same command then
+    resumes at epoch 2 and ends where an uninterrupted run ends (within noise); the input models
+    are never modified."""
+    before = {k: file_bytes(fmnist[k]) for k in ("teacher", "student")}
+    # batch 16: epochs of 24 steps, so that the signal sent on the first epoch's line arrives
+    # before the second epoch ends even when this process is slow to read that line
+    small = ("--batch-size", "16")
+    whole = tmp_path / "whole.keras"
+    proc = run_pwgroup(
+        *_finetune_args(fmnist, whole, "--json", str(tmp_path / "whole.json"), *small)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout  # one line per epoch
+    report = json.loads((tmp_path / "whole.json").read_text())
+    assert report["after"]["agreement"] > report["before"]["agreement"] + 0.2
+    assert report["teacher_cached"] and not report["labels"]
+    assert [e["epoch"] for e in report["history"]] == [1, 2]
+    assert not os.path.exists(str(whole) + ".checkpoint")
+
+    out = tmp_path / "resumed.keras"
+    args = _finetune_args(fmnist, out, "--json", str(tmp_path / "resumed.json"), *small)
+    run = subprocess.Popen(["pwgroup", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    for line in run.stdout:
+        if line.startswith("epoch 1/2"):
+            run.send_signal(signal.SIGINT)
+            break
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 130, err
+    assert "holds epoch 1 of 2: run the same command again to resume" in err
+    assert os.path.exists(str(out) + ".checkpoint") and not out.exists()
+
+    proc = run_pwgroup(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "at epoch 2" in proc.stdout and "epoch 1/2" not in proc.stdout
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["resumed_at"] == 2
+    assert abs(resumed["after"]["accuracy"] - report["after"]["accuracy"]) < 0.1
+    assert not os.path.exists(str(out) + ".checkpoint")
+    assert {k: file_bytes(fmnist[k]) for k in before} == before
+
+    import keras
+
+    import graphopt
+
+    model = keras.models.load_model(str(out))
+    assert model.count_params() == graphopt.load(fmnist["student"]).count_params()
+
+
+_MIRRORED = textwrap.dedent(
+    """
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import graphopt
+    teacher, student = graphopt.load(sys.argv[1]), graphopt.load(sys.argv[2])
+    out = {}
+    for strategy in ("one", "mirrored"):
+        _, result = graphopt.finetune(teacher, student, sys.argv[3], validation_data=sys.argv[4],
+                                      epochs=2, batch_size=64, strategy=strategy, verbose=0)
+        out[strategy] = result.to_dict()
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus_trains_as_one_device(fmnist):
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED, fmnist["teacher"], fmnist["student"],
+         fmnist["unlabelled"], fmnist["test"]],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, mirrored = out["one"], out["mirrored"]
+    assert (one["replicas"], mirrored["replicas"]) == (1, 2)
+    assert mirrored["strategy"] == "mirrored"
+    assert [e["steps"] for e in one["history"]] == [e["steps"] for e in mirrored["history"]]
+    assert mirrored["after"]["agreement"] > mirrored["before"]["agreement"] + 0.2
+    assert abs(mirrored["after"]["accuracy"] - one["after"]["accuracy"]) < 0.1
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_together_and_only_the_chief_writes(fmnist, tmp_path):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    out = tmp_path / "out.keras"
+    procs = []
+    for index in range(2):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        )
+        procs.append(
+            subprocess.Popen(
+                ["pwgroup", *_finetune_args(fmnist, out, "--strategy", "multiworker",
+                                            "--json", str(tmp_path / f"w{index}.json"))],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                cwd=str(tmp_path),
+            )
+        )  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    for index, (stdout, _) in enumerate(results):
+        steps = [
+            int(line.rsplit("(", 1)[1].split()[0])
+            for line in stdout.splitlines()
+            if line.startswith(f"worker {index + 1}/2: epoch")
+        ]
+        assert len(steps) == 2 and all(s > 0 for s in steps), stdout  # both workers stepped
+    assert out.exists()
+    assert (tmp_path / "w0.json").exists() and not (tmp_path / "w1.json").exists()
+    assert "wrote" in results[0][0] and "wrote" not in results[1][0]
+    report = json.loads((tmp_path / "w0.json").read_text())
+    assert (report["strategy"], report["workers"], report["replicas"]) == ("multiworker", 2, 2)
+    assert report["after"]["agreement"] > report["before"]["agreement"] + 0.2
+    assert not list(tmp_path.glob("out.keras.checkpoint*"))
+
+
+@pytest.mark.slow
+def test_finetuned_then_exported_keeps_its_accuracy_in_onnxruntime(fmnist, monkeypatch):
+    """With labels, and with the teacher run on each batch instead of cached."""
+    import onnxruntime as ort
+
+    import graphopt
+
+    monkeypatch.setattr(sys.modules["graphopt.finetune"], "TEACHER_CACHE_BYTES", 0)
+
+    teacher, student = graphopt.load(fmnist["teacher"]), graphopt.load(fmnist["student"])
+    model, result = graphopt.finetune(
+        teacher, student, fmnist["train"], validation_data=fmnist["test"], epochs=2,
+        batch_size=64, verbose=0,
+    )  # fmt: skip
+    assert result.labels and not result.teacher_cached
+    assert result.after.accuracy > result.before.accuracy + 0.2
+    proto = graphopt.export_onnx(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with np.load(fmnist["test"]) as test:
+        x, y = test["image"], test["y"]
+    scores = session.run(None, {session.get_inputs()[0].name: x})[0]
+    onnx_accuracy = float(np.mean(scores.argmax(-1) == y))
+    assert onnx_accuracy == pytest.approx(result.after.accuracy, abs=0.01)
+    keras_scores = model.predict(x, verbose=0)
+    np.testing.assert_allclose(scores, keras_scores, atol=1e-3)
