@@ -440,6 +440,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = {"EfficientNet": "tab:blue", "MobileNetV2": "tab:orange", "alternative": "tab:green"}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -447,7 +448,14 @@ def plot(results: list[dict], path: str, title: str) -> None:
         marker = {"paper": "s", "linear": "D"}.get(r["mode"], "o")
         x, y = r["trainable_params"] / 1e6, 100 * r["test_accuracy"]
         ax.scatter(x, y, color=colours[r["family"]], marker=marker, s=50)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        below = r["mode"] == "linear"  # it sits next to the paper rewrite: label it below
+        ax.annotate(
+            r["name"],
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, -11 if below else 4),
+            fontsize=8,
+        )
     by = {r["key"]: r for r in results}
     for a, b in (("b0", "b0-paper"), ("v2", "v2-paper")):
         if a in by and b in by:
@@ -458,6 +466,10 @@ def plot(results: list[dict], path: str, title: str) -> None:
                 arrowprops={"arrowstyle": "->", "color": "grey", "lw": 0.8},
             )
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("trainable parameters (millions, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -486,6 +498,9 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="FILE", help="write the results (after every row)")
     p.add_argument("--plot", metavar="FILE", help="accuracy against parameters, PNG")
     p.add_argument(
+        "--from-json", metavar="FILE", help="train nothing: print and plot a --json file's results"
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="pipeline check: 256 training and 256 test images, one epoch, eager, 3 rounds",
@@ -505,8 +520,34 @@ def parse_args(argv=None):
     return args
 
 
+def report(results: list[dict], meta: dict, plot_path: str | None) -> None:
+    """The table, the verdict and the plot of a run's results."""
+    print(
+        f"{meta['dataset']}, {meta['train_images']} training / {meta['test_images']} test images, "
+        f"{meta['epochs']} epochs, batch {meta['batch']}, Adam {meta['lr']:g} cosine, shift+flip, "
+        f"seed {meta['seed']}; latency: onnxruntime CPU, {meta['threads']} threads "
+        "(k: Keras, export failed)"
+    )
+    print(table(results))
+    for line in verdict(results):
+        print(line)
+    print(f"wall time {meta['wall_s'] / 60:.1f} min")
+    if plot_path:
+        plot(
+            results,
+            plot_path,
+            f"{meta['dataset']}, {meta['train_images']} train / {meta['test_images']} test "
+            f"images, {meta['epochs']} epochs, seed {meta['seed']}",
+        )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        report(data["rows"], data["meta"], args.plot)
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     start = time.perf_counter()
 
@@ -555,22 +596,8 @@ def main(argv=None) -> None:
         for key, ms in interleaved_latency(runners, batch, repeat).items():
             next(r for r in results if r["key"] == key)[f"latency_b{batch}"] = ms
     save()
-    wall = time.perf_counter() - start
-    print(
-        f"{dataset}, {len(train[0])} training / {len(test[0])} test images, {args.epochs} "
-        f"epochs, batch {args.batch}, Adam {args.lr:g} cosine, shift+flip, seed {args.seed}; "
-        f"latency: onnxruntime CPU, {args.threads} threads (k: Keras, export failed)"
-    )
-    print(table(results))
-    for line in verdict(results):
-        print(line)
-    print(f"wall time {wall / 60:.1f} min")
-    if args.plot:
-        plot(
-            results,
-            args.plot,
-            f"{dataset}, {len(train[0])} train / {len(test[0])} test images, {args.epochs} epochs",
-        )
+    meta["wall_s"] = time.perf_counter() - start
+    report(results, meta, args.plot)
 
 
 if __name__ == "__main__":
