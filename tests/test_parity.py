@@ -55,6 +55,8 @@ def test_quick_parity_run_trains_evaluates_and_prints_every_row(tmp_path):
     assert by["v2-paper"]["trainable_params"] < by["v2"]["trainable_params"]
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert 0.0 <= r["test_accuracy_keras_stats"] <= 1.0  # before BN re-estimation
+        assert r["bn_reestimate_s"] > 0
         assert math.isfinite(r["test_loss"])
         assert len(r["history"]) == 1 and math.isfinite(r["history"][0]["loss"])
         assert r["epoch_s"] > 0
