@@ -39,7 +39,7 @@ def test_quick_parity_run_trains_evaluates_and_prints_every_row(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # ~2 min on an idle 2-core machine; 12 min at load average 18
         env=env,
         cwd=str(tmp_path),
     )
