@@ -11,6 +11,11 @@ epochs, batch size, seed, data order and 32x32x3 input. Rows:
 - MobileNetV3Small and MobileNetV2 at the width multiplier whose trainable parameter count
   comes closest to the rewritten B0's.
 
+After training, every BatchNormalization's statistics are re-estimated on --bn-images training
+images for every row (MobileNetV2/V3's momentum 0.999 otherwise leaves them near their initial
+values after a few hundred steps: chance accuracy); the accuracy with training's own statistics
+is printed beside it.
+
 Printed per row: test accuracy, trainable parameters, training seconds per epoch (tracing
 excluded) and onnxruntime CPU latency of the tf2onnx export at batch 1 and 32 (spinning off,
 fixed threads, all models interleaved, medians); where the export fails, Keras CPU latency,
@@ -23,6 +28,9 @@ rescale inside the model and take 0..255; MobileNetV2 has no preprocessing layer
 Usage:
   python benchmarks/parity.py [--train N] [--test N] [--epochs E] [--batch B] [--seed S]
       [--rows b0,b0-paper,...] [--cifar10 DIR] [--json FILE] [--plot FILE.png] [--quick]
+  python benchmarks/parity.py --from-json FILE [--plot FILE.png]   # a saved run, no training
+
+docs/parity.md has the full run and what it shows.
 """
 
 from __future__ import annotations
