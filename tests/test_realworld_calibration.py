@@ -22,7 +22,10 @@ REC = "ch_PP-OCRv4_rec_infer.onnx"
 EARLY_SITES = ("p2o.Conv.4", "p2o.Conv.6", "p2o.Conv.8", "p2o.Conv.10", "p2o.Conv.12")
 """The recogniser's first five pointwise convs (32-240 channels). The whole model's 20 sites take
 tens of minutes with --groups auto on 2 cores (every allowed group count of every site is fitted;
-the 480-channel sites allow 13): benchmarks/calibrate_ocr.py measures those."""
+the 480-channel sites allow 13): benchmarks/calibrate_ocr.py measures those. Measured with these
+seeds: two sites rewritten (p2o.Conv.6 at 4 groups, p2o.Conv.10 at 8), 0.53% fewer parameters,
+held-out agreement 0.95, on the 40 unseen lines 0.932 per position and 24 of 40 lines decoded
+identically; 23 s of CPU time."""
 
 
 @pytest.fixture(scope="module")
