@@ -234,8 +234,10 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnis
 
     out = tmp_path / "resumed.keras"
     args = _finetune_args(fmnist, out, "--json", str(tmp_path / "resumed.json"), *small)
+    # SIGINT at its default in the child: a shell ignores it in background jobs (nohup, CI),
+    # and a process that starts with it ignored never sees Ctrl-C
     run = subprocess.Popen(["pwgroup", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)  # fmt: skip
+                           text=True, preexec_fn=_default_sigint)  # fmt: skip
     for line in run.stdout:
         if line.startswith("epoch 1/2"):
             run.send_signal(signal.SIGINT)
@@ -260,6 +262,10 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnis
 
     model = keras.models.load_model(str(out))
     assert model.count_params() == graphopt.load(fmnist["student"]).count_params()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 _MIRRORED = textwrap.dedent(
