@@ -179,8 +179,11 @@ def _check_calibration_options(
     """True when the rewrite is to be calibrated; UsageError for options that need data."""
     if groups not in ("rule", "auto"):
         raise UsageError(f"groups must be 'rule' or 'auto', not '{groups}'")
-    for label, value in (("min_agreement", min_agreement), ("max_output_error", max_output_error),
-                         ("max_site_error", max_site_error)):  # fmt: skip
+    for label, value in (
+        ("min_agreement", min_agreement),
+        ("max_output_error", max_output_error),
+        ("max_site_error", max_site_error),
+    ):
         if value is not None and not (isinstance(value, (int, float)) and value >= 0):
             raise UsageError(f"{label} must be a non-negative number")
     if not 0 < held_out < 1:

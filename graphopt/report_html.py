@@ -75,8 +75,10 @@ def quality_png(report: Report) -> bytes | None:
     scores = quality.agreement is not None
     key, label = ("agreement", "top-1 agreement") if scores else ("output_error", "output error")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for series, name, marker in ((quality.ladder, "--groups auto bounds", "o"),
-                                 (quality.curve, "sites left as they were", "s")):  # fmt: skip
+    for series, name, marker in (
+        (quality.ladder, "--groups auto bounds", "o"),
+        (quality.curve, "sites left as they were", "s"),
+    ):
         if series:
             ax.plot(
                 [p["trainable_params_after"] for p in series],

@@ -44,8 +44,9 @@ def _agreement(a, b, x) -> float:
 @pytest.mark.slow
 def test_calibrated_linear_rewrite_agrees_more_than_scratch_and_fit(trained, images):
     x, test, _ = images
-    scratch, scratch_report = graphopt.rewrite(trained, mode="linear", calibration=x,
-                                               calibrate=False)  # fmt: skip
+    scratch, scratch_report = graphopt.rewrite(
+        trained, mode="linear", calibration=x, calibrate=False
+    )
     fit, _ = graphopt.rewrite(trained, mode="linear", init="fit")
     calibrated, report = graphopt.rewrite(trained, mode="linear", calibration=x)
     assert scratch_report.quality.calibrated is False
@@ -55,8 +56,10 @@ def test_calibrated_linear_rewrite_agrees_more_than_scratch_and_fit(trained, ima
     plain, plain_report = graphopt.rewrite(trained, mode="linear")
     assert report.totals == plain_report.totals
     # on 1,000 test images it never saw
-    on_test = {m: _agreement(trained, model, test) for m, model in
-               (("scratch", scratch), ("fit", fit), ("calibrated", calibrated))}  # fmt: skip
+    on_test = {
+        m: _agreement(trained, model, test)
+        for m, model in (("scratch", scratch), ("fit", fit), ("calibrated", calibrated))
+    }
     assert on_test["calibrated"] > on_test["scratch"] + 0.05
     assert on_test["calibrated"] > on_test["fit"] + 0.05
     data = report.to_dict()
