@@ -368,17 +368,16 @@ def step_timer():
 
 
 def ort_session(proto, threads: int):
-    import onnxruntime as ort
+    """pwgroup's timing session (spinning off, ORT_ENABLE_ALL) with `threads` intra-op threads."""
+    from graphopt.backends.onnx_verify import session, session_options
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
+    options = session_options("to time the models")
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 4
-    return ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    timed = session(proto, timing=True, options=options)
+    if options.intra_op_num_threads != threads:  # session() pins to the usable cores
+        options.intra_op_num_threads = threads
+        timed = session(proto, options=options)
+    return timed
 
 
 class Runner:
