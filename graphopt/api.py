@@ -135,7 +135,7 @@ def rewrite(
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
         check_accounting(report)
         return new_model, report
-    from graphopt.calibrate import Calibration, Quality, Targets, measure
+    from graphopt.calibrate import Calibration, Quality, Targets, measure, quiet
     from graphopt.data import load_samples
 
     if _is_keras(model):
@@ -162,15 +162,11 @@ def rewrite(
         return new_model, report
     targets = Targets(min_agreement, max_output_error, max_site_error, groups == "auto")
     job = Calibration(
-        adapter, fit, held, selection, min_channels_per_group, targets, progress or _silent, seed
+        adapter, fit, held, selection, min_channels_per_group, targets, progress or quiet, seed
     )
     new_model, report = job.run()
     check_accounting(report)
     return new_model, report
-
-
-def _silent(_: str) -> None:
-    pass
 
 
 def _check_calibration_options(

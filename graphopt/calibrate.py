@@ -137,7 +137,7 @@ class Quality:
 Say = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
     pass
 
 
@@ -221,10 +221,10 @@ def solve(info: SiteInfo, plan: SitePlan, x: np.ndarray, seed: int = 0) -> Fitte
     return fit_paper(plan, x[keep], target[keep], pre[keep], info.steps, seed)
 
 
-def held_out_error(info, plan, fitted, x_seen, x_original) -> float:
-    """Relative error of the site's output on held-out rows it sees (`x_seen`) against what
-    the original computes on the same samples' original rows."""
-    return relative_error(predict(info, plan, fitted, x_seen), _target(info, x_original)[0])
+def held_out_error(info, plan, fitted, x_seen, target) -> float:
+    """Relative error of the site's output on held-out rows it sees (`x_seen`) against
+    `target`, what the original computes on the same samples' original rows (`_target`)."""
+    return relative_error(predict(info, plan, fitted, x_seen), target)
 
 
 # ---- the whole model --------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class Calibration:
     selection: Selection
     min_channels_per_group: int
     targets: Targets = field(default_factory=Targets)
-    say: Say = _quiet
+    say: Say = quiet
     seed: int = 0
 
     def run(self):
@@ -288,12 +288,13 @@ class Calibration:
         loosest of the ladder at which the targets hold with sites fitted independently)."""
         errors = {}  # (site, groups) -> held-out error, each fitted once
         for i, (name, info) in enumerate(infos.items(), 1):
+            target = _target(info, self.x_hold[name])[0]
             for groups in allowed_groups(
                 info.plan.cin, info.plan.filters, self.min_channels_per_group
             ):
                 plan = dataclasses.replace(info.plan, groups=groups)
                 fitted = solve(info, plan, self.x_fit[name], self.seed)
-                error = held_out_error(info, plan, fitted, self.x_hold[name], self.x_hold[name])
+                error = held_out_error(info, plan, fitted, self.x_hold[name], target)
                 errors[name, groups] = (error, fitted)
             found = [f"{g}: {e[0]:.3f}" for (n, g), e in errors.items() if n == name]
             self.say(f"groups {i}/{len(infos)} {name}: held-out error {', '.join(found)}")
@@ -357,6 +358,7 @@ class Calibration:
         for i, name in enumerate(names, 1):
             info = built.sites[name]
             xo_fit, xo_hold = self.x_fit[name], self.x_hold[name]
+            target = _target(info, xo_hold)[0]
             candidates = {"original": solve(info, info.plan, xo_fit, self.seed)}
             self.alone[name] = candidates["original"]
             xr_hold = xo_hold
@@ -371,12 +373,12 @@ class Calibration:
                 )[name]
                 candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed)
             scored = {
-                k: held_out_error(info, info.plan, f, xr_hold, xo_hold)
+                k: held_out_error(info, info.plan, f, xr_hold, target)
                 for k, f in candidates.items()
             }
             chosen = min(scored, key=scored.get)
             weights[name] = candidates[chosen]
-            site_error = held_out_error(info, info.plan, weights[name], xo_hold, xo_hold)
+            site_error = held_out_error(info, info.plan, weights[name], xo_hold, target)
             plans[name] = dataclasses.replace(
                 info.plan, site_error=round(site_error, 6), calibrated_on=chosen
             )
