@@ -58,6 +58,8 @@ class Built:
     report: object
     sites: dict[str, SiteInfo]
     """The sites that can be calibrated, in network order (others keep their init)."""
+    handles: dict = field(default_factory=dict)
+    """Site name -> what the backend needs to put new weights into `model` in place."""
 
 
 class Backend(Protocol):
@@ -65,6 +67,11 @@ class Backend(Protocol):
     output_names: list[str]
 
     def build(self, selection: Selection, weights: dict[str, Fitted]) -> Built: ...
+
+    def update(self, built: Built, name: str, fitted: Fitted) -> None:
+        """Give site `name` of `built.model` the weights `fitted`, in place: the model then
+        computes what `build` with those weights would (no rebuild per site)."""
+        ...
 
     def capture(self, model, samples: Samples, keys: list) -> Iterator[list[np.ndarray]]: ...
 
@@ -260,6 +267,7 @@ class Calibration:
         if self.targets.auto_groups:
             selection = self._auto_groups(infos, selection)
         model, report, weights = self._sequential(selection)
+        self.weights = weights
         outputs = self._compare(model)
         curve = [self._point(report, outputs, [])]
         if self.targets.wanted() and not self.targets.met(outputs):
@@ -386,9 +394,7 @@ class Calibration:
                 f"calibrating site {i}/{len(names)} {name}: error {site_error:.3f} "
                 f"(fitted on the {chosen} inputs)"
             )
-            if i < len(names):
-                built = self.backend.build(selection, weights)
-        built = self.backend.build(selection, weights)
+            self.backend.update(built, name, weights[name])
         report = built.report
         report.sites = [plans.get(s.name, s) for s in report.sites]
         self.weights_plans = plans
@@ -414,7 +420,7 @@ class Calibration:
             if self.targets.met(outputs):
                 break
         # the remaining sites see other inputs now: fit them again in that context
-        model, report, _ = self._sequential(selection)
+        model, report, self.weights = self._sequential(selection)
         outputs = self._compare(model)
         curve.append(self._point(report, outputs, left) | {"refitted": True})
         return model, report, outputs

@@ -159,3 +159,63 @@ def test_cli_calibrates_and_writes_the_quality_section(tmp_path):
     jsonschema.validate(data, json.load(open(SCHEMA_PATH)))
     assert data["quality"]["held_out_samples"] == 16 and data["quality"]["calibrated"]
     assert out.exists()
+
+
+@pytest.mark.parametrize("mode", ["linear", "paper"])
+@pytest.mark.parametrize("framework", ["keras", "onnx"])
+def test_weights_put_in_place_compute_what_a_rebuild_with_them_computes(framework, mode):
+    """Calibration builds the rewrite once and puts each site's fitted weights into it in
+    place (no rebuild per site): the result must be the model a rebuild with the same
+    weights gives, BN' of paper mode included."""
+    from fixtures.keras_models import residual
+    from graphopt.calibrate import Calibration
+    from graphopt.data import load_samples
+    from graphopt.plan import Selection
+
+    model = residual(32)
+    if framework == "keras":
+        from graphopt.backends.keras_calib import KerasCalibration as Adapter
+        from graphopt.backends.keras_io import input_specs
+    else:
+        from graphopt.backends.onnx_calib import OnnxCalibration as Adapter
+        from graphopt.backends.onnx_io import input_specs
+
+        model = graphopt.export_onnx(model)
+    rng = np.random.default_rng(1)
+    specs = input_specs(model)
+    data = {specs[0].name: rng.normal(size=(48, *specs[0].shape[1:])).astype(np.float32)}
+    fit, held = load_samples(data, specs).split(0.25, 0)
+    adapter = Adapter(model, mode, 8)
+    job = Calibration(adapter, fit, held, Selection(), 8)
+    calibrated, report = job.run()
+    assert all(s.calibrated_on for s in report.sites), "every site was calibrated"
+    rebuilt = adapter.build(Selection(), job.weights).model
+    got, want = adapter.run(calibrated, held), adapter.run(rebuilt, held)
+    fresh = adapter.run(adapter.build(Selection(), {}).model, held)
+    for a, b, c in zip(got, want, fresh):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(a, c, rtol=1e-3), "the weights were not put in"
+
+
+@pytest.mark.parametrize("output", ["y", "z"])
+def test_onnx_prefix_runs_only_what_an_output_needs_and_computes_the_same(output):
+    """Reading a site's input runs only the part of the graph before it: the pruned copy
+    keeps the nodes and weights the tensor needs, those control-flow bodies read from the
+    main graph included, and gives the full model's values."""
+    import onnxruntime as ort
+
+    from fixtures.onnx_models import outer_scope_weights
+    from graphopt.backends.onnx_calib import prefix
+
+    model = outer_scope_weights()
+    part = prefix(model, [output])
+    onnx_ops = [n.op_type for n in part.graph.node]
+    assert onnx_ops == (["If"] if output == "y" else ["Loop"])
+    kept = {t.name for t in part.graph.initializer}
+    assert kept == ({"W", "B", "K3"} if output == "y" else {"LW", "trips"})
+    rng = np.random.default_rng(0)
+    for cond in (True, False):
+        feed = {"x": rng.normal(size=(1, 64, 4, 4)).astype(np.float32), "cond": np.array(cond)}
+        full = ort.InferenceSession(model.SerializeToString()).run([output], feed)[0]
+        got = ort.InferenceSession(part.SerializeToString()).run([output], feed)[0]
+        np.testing.assert_allclose(got, full, rtol=1e-6)

@@ -4,11 +4,12 @@ keep their init (their tensors have no single place in the top-level graph)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 
+from graphopt.backends.keras_rewrite import put_fitted
 from graphopt.calibrate import BATCH, Built, SiteInfo
 from graphopt.data import Samples
 from graphopt.plan import PAPER, Selection
@@ -23,6 +24,7 @@ class KerasCalibration:
     seed: int = 0
     name: str | None = None
     dense_sequences: bool = False
+    _last: tuple | None = field(default=None, repr=False)
 
     @property
     def output_names(self) -> list[str]:
@@ -43,7 +45,7 @@ class KerasCalibration:
             found=found,
             dense_sequences=self.dense_sequences,
         )
-        sites = {}
+        sites, handles = {}, {}
         for name, site in found.items():
             layers = site.replacement
             if site.plan.kind != "conv" or "/" in name or "k" not in layers:
@@ -53,7 +55,11 @@ class KerasCalibration:
             if len(layers["k"]._inbound_nodes) != 1:
                 continue
             sites[name] = self._info(site, layers["k"].input)
-        return Built(model, report, sites)
+            handles[name] = layers
+        return Built(model, report, sites, handles)
+
+    def update(self, built: Built, name: str, fitted) -> None:
+        put_fitted(built.handles[name], fitted)
 
     def _info(self, site, x_rewritten) -> SiteInfo:
         conv = site.layer
@@ -77,24 +83,40 @@ class KerasCalibration:
         )
 
     def capture(self, model, samples: Samples, keys: list):
-        reader = keras.Model(model.inputs, list(keys))
+        reader = self._reader(model, keys)
         for feed in samples.batches(BATCH):
-            outputs = reader.predict_on_batch(_inputs(model, feed))
-            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            yield [keras.ops.convert_to_numpy(o) for o in outputs]
+            outputs = self._predict(reader, feed)
+            yield outputs if isinstance(outputs, (list, tuple)) else [outputs]
+
+    def _reader(self, model, keys: list) -> keras.Model:
+        """A sub-model up to `keys` (it runs only the prefix they need), kept for the next
+        call with the same ones: each new one costs a trace, longer than a pass over a few
+        hundred samples. Weights changed in place since are read, not copied."""
+        key = (id(model), tuple(id(k) for k in keys))
+        if self._last is None or self._last[0] != key:
+            self._last = (key, keras.Model(model.inputs, list(keys)), model, list(keys))
+        return self._last[1]
+
+    def _predict(self, model, feed: dict):
+        """`model` on one batch. The feed is keyed by the original's input names (a rebuilt
+        model's tensors do not keep them); a short last batch is padded to BATCH rows, as
+        each new batch size would cost another trace, and the padding cut off again."""
+        arrays = [feed[t.name] for t in self.original.inputs]
+        count = len(arrays[0])
+        if count < BATCH:
+            arrays = [np.concatenate([a, np.repeat(a[-1:], BATCH - count, 0)]) for a in arrays]
+        outputs = model.predict_on_batch(arrays[0] if len(arrays) == 1 else arrays)
+        return keras.tree.map_structure(
+            lambda o: keras.ops.convert_to_numpy(o)[:count], outputs
+        )
 
     def run(self, model, samples: Samples) -> list[np.ndarray]:
         parts = []
         for feed in samples.batches(BATCH):
-            outputs = keras.tree.flatten(model.predict_on_batch(_inputs(model, feed)))
-            parts.append([keras.ops.convert_to_numpy(o) for o in outputs])
+            parts.append(keras.tree.flatten(self._predict(model, feed)))
         return [np.concatenate(column) for column in zip(*parts)]
 
 
-def _inputs(model, feed: dict):
-    """The feed as the model's call takes it: its one array, or a list in input order."""
-    arrays = [feed[t.name] for t in model.inputs]
-    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def _step(layer) -> Step:

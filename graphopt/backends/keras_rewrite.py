@@ -246,7 +246,7 @@ class KerasRewrite:
         if "act" in layers:
             out = layers["act"](out)
         if site.fitted is not None:  # the layers are built now
-            _put_fitted(layers, site.fitted)
+            put_fitted(layers, site.fitted)
             site.fitted = None  # once, also for a layer called twice
         return out
 
@@ -454,7 +454,7 @@ def _why_not(layer, nodes) -> str | None:
     return f"{type(layer).__name__} is not a stock Conv1D/2D/3D"
 
 
-def _put_fitted(layers: dict, fitted: Fitted) -> None:
+def put_fitted(layers: dict, fitted: Fitted) -> None:
     """Give K and L the fitted weights (grouped kernels are stored as (1..., Cin/N, F)), and
     BN' its scale and shift when they were fitted too."""
     for key, kernel, bias in (("k", fitted.kw, fitted.k_bias), ("l", fitted.lw, fitted.l_bias)):

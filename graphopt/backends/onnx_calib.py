@@ -4,10 +4,11 @@ If/Loop bodies keep their init: onnxruntime cannot hand out a subgraph's tensors
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from graphopt.backends.onnx_build import constant_value
 from graphopt.calibrate import BATCH, Built, SiteInfo
@@ -25,6 +26,7 @@ class OnnxCalibration:
     name: str | None = None
     dense_sequences: bool = False
     provider: str = "CPUExecutionProvider"
+    _last: tuple | None = field(default=None, repr=False)
 
     @property
     def output_names(self) -> list[str]:
@@ -45,7 +47,8 @@ class OnnxCalibration:
             found=found,
             dense_sequences=self.dense_sequences,
         )
-        sites = {}
+        sites, handles = {}, {}
+        initializers = {t.name: t for t in model.graph.initializer}
         for name, site in found.items():
             weight = site.weight.reshape(site.weight.shape[0], site.weight.shape[1])
             rank = site.weight.ndim - 2
@@ -64,21 +67,35 @@ class OnnxCalibration:
                 1,
                 _silu(steps),
             )
-        return Built(model, report, sites)
+            names = [n for group in site.params.values() for n in group]
+            if not all(n in initializers for n in names):
+                del sites[name]  # weights calibration cannot reach in place: they keep init
+                continue
+            handles[name] = {k: [initializers[n] for n in v] for k, v in site.params.items()}
+        return Built(model, report, sites, handles)
 
-    def _session(self, model: onnx.ModelProto, extra: list[str] = ()):
+    def update(self, built: Built, name: str, fitted) -> None:
+        params = built.handles[name]
+        rank = len(params["K"][0].dims) - 2
+        arrays = {"K": [fitted.kw.reshape(fitted.kw.shape + (1,) * rank), fitted.k_bias]}
+        if "L" in params:
+            arrays["L"] = [fitted.lw.reshape(fitted.lw.shape + (1,) * rank), fitted.l_bias]
+        if fitted.l_norm is not None and "BN'" in params:
+            scale, shift = fitted.l_norm
+            arrays["BN'"] = [scale, shift, np.zeros_like(scale), np.ones_like(scale)]
+        for key, values in arrays.items():
+            for tensor, value in zip(params[key], values):
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                tensor.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype), tensor.name))
+        self._last = None  # the cached session holds the old weights
+
+    def _session(self, model: onnx.ModelProto, outputs: list[str] = ()):
+        """A session over `model`, or over only the part that computes `outputs`."""
         from graphopt.runtime import onnxruntime
 
         ort = onnxruntime("to calibrate ONNX models on data")
-        if extra:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            present = {o.name for o in copy.graph.output}
-            for name in extra:
-                if name not in present:
-                    copy.graph.output.append(onnx.ValueInfoProto(name=name))
-                    present.add(name)
-            model = copy
+        if outputs:
+            model = prefix(model, outputs)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
@@ -91,7 +108,10 @@ class OnnxCalibration:
         )
 
     def capture(self, model, samples: Samples, keys: list):
-        session = self._session(model, keys)
+        key = (id(model), tuple(keys))  # the fit and held-out passes share one session
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._session(model, keys), model)
+        session = self._last[1]
         for feed in samples.batches(BATCH):
             yield session.run(list(keys), feed)
 
@@ -100,6 +120,42 @@ class OnnxCalibration:
         names = self.output_names
         parts = [session.run(names, feed) for feed in samples.batches(BATCH)]
         return [np.concatenate(column) for column in zip(*parts)]
+
+
+def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are `outputs` and that holds only the nodes and weights
+    they need (a node with If/Loop bodies needs what its bodies read too). Inputs all stay:
+    the same feeds run it."""
+    graph = model.graph
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    needed, keep, stack = set(), set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        index = producer.get(name)
+        if index is None or index in keep:
+            continue
+        keep.add(index)
+        stack += [n for n in _reads(graph.node[index]) if n]
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    del pruned.graph.node[:], pruned.graph.initializer[:], pruned.graph.output[:]
+    pruned.graph.node.extend(graph.node[i] for i in sorted(keep))
+    pruned.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
+    pruned.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+    return pruned
+
+
+def _reads(node) -> list[str]:
+    """Every tensor name `node` reads, those its subgraphs read from outer scopes included."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        for body in [attribute.g, *attribute.graphs]:
+            for inner in body.node:
+                names += _reads(inner)
+    return names
 
 
 def _attr(node, name, default):

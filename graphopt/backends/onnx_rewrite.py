@@ -277,6 +277,8 @@ class _OnnxRewrite:
         self._shared[key] = (plan, weights)
         replaced = conv.inputs[1]
         self._replace(graph, conv, plan, chain, weights, weight)
+        if label in self.found:
+            self.found[label].params.update({k: [t.name for t in v] for k, v in weights.items()})
         if self.scopes is not None:
             self.scopes.home_like([t for ts in weights.values() for t in ts], replaced, graph)
 
@@ -438,6 +440,9 @@ class FoundSite:
     bias: np.ndarray | None
     attrs: dict
     chain: list
+    params: dict = field(default_factory=dict)
+    """"K", "L" (weight, bias) and "BN'" (scale, shift, mean, var): the names of the new
+    weights in the rewritten model, filled in once they are made."""
 
 
 def _remove(graph, nodes) -> None:
