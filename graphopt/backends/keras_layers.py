@@ -291,3 +291,54 @@ class PointwiseSite(keras.layers.Layer):
             conv=self.conv, groups=self.groups, paper=self.paper, depthwise=self.depthwise_config
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="graphopt")
+class SiteBatchNormalization(keras.layers.BatchNormalization):
+    """The BatchNormalization a site holds in its branches (paper mode: the original BN after
+    K, and BN' after L), trained with TensorFlow's fused kernel.
+
+    Keras 3 normalizes in training as moments, then a batch normalization: about twenty ops
+    forward and backward where the fused kernel is one each way, and a paper-mode site doubles
+    the BNs of what it replaces. Same weights, same statistics update (Keras' biased batch
+    variance), the same outputs; any case the fused kernel does not cover (other backends,
+    dtypes, ranks or axes, masks, renorm, synchronized) goes through Keras' own code.
+    """
+
+    def _fused(self, inputs, training, mask) -> bool:
+        return (
+            bool(training)
+            and self.trainable
+            and mask is None
+            and not self.renorm
+            and not getattr(self, "synchronized", False)
+            and keras.backend.backend() == "tensorflow"
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and inputs.dtype == "float32"
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        ones = tf.ones_like(self.moving_mean)
+        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=self.gamma if self.scale else ones,
+            offset=self.beta if self.center else tf.zeros_like(ones),
+            mean=tf.constant([], tf.float32),
+            variance=tf.constant([], tf.float32),
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )
+        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
+        variance = variance * (count - 1.0) / tf.maximum(count, 1.0)  # Bessel's correction off
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            self.moving_variance * momentum + variance * (1.0 - momentum)
+        )
+        return y

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from graphopt.backends.keras_layers import ChannelInterleave, GroupedPointwiseConv
+from graphopt.backends.keras_layers import (
+    ChannelInterleave,
+    GroupedPointwiseConv,
+    SiteBatchNormalization,
+)
 from graphopt.errors import UnsupportedModelError
 from graphopt.fit import Fitted, fit_site
 from graphopt.plan import EVERY_SITE, FIT, PAPER, SCRATCH, Selection, SitePlan, Skipped, plan_site
@@ -476,10 +480,17 @@ def put_fitted(layers: dict, fitted: Fitted) -> None:
         norm.set_weights(values)
 
 
+def _site_class(op):
+    """The class of a site's copy of `op`: a plain BatchNormalization trains fused."""
+    if type(op) is keras.layers.BatchNormalization:
+        return SiteBatchNormalization
+    return op.__class__
+
+
 def _clone_with_weights(node):
     """A copy of the layer of `node`, built for that call and holding the original's weights."""
     op = node.operation
-    new = op.__class__.from_config(op.get_config())
+    new = _site_class(op).from_config(op.get_config())
     new.build(node.input_tensors[0].shape)
     _copy_weights(op, new)
     return new
@@ -495,7 +506,7 @@ def _fresh_copy(op, name: str):
             moving_mean_initializer="zeros",
             moving_variance_initializer="ones",
         )
-    return op.__class__.from_config(config)
+    return _site_class(op).from_config(config)
 
 
 def _copy_weights(original, new) -> None:
