@@ -340,6 +340,38 @@ def test_cli_finetune_killed_refuses_other_options_then_resumes_like_an_uninterr
     assert {k: file_bytes(fmnist[k]) for k in inputs} == inputs
 
 
+@pytest.mark.slow
+def test_train_only_sites_trains_nothing_else(fmnist):
+    """One epoch with `sites`: every weight outside K, L and the BatchNormalization after them
+    is bit-identical to the student's, BatchNormalization moving statistics included (finetune
+    re-estimates the statistics only of the layers that train), and every site weight moved.
+    With `all`, the other weights move too."""
+    import graphopt
+    from graphopt.backends.keras_distill import site_layers
+
+    teacher, student = graphopt.load(fmnist["teacher"]), graphopt.load(fmnist["student"])
+    start = {w.path: w.numpy() for w in student.weights}
+    sites = {w.path for layer in site_layers(student) for w in layer.weights}
+    assert sites and len(sites) < len(start)
+    kernels = {p for p in start if p not in sites and p.endswith("kernel")}
+    assert kernels
+    for train_only in ("sites", "all"):
+        model, result = graphopt.finetune(
+            teacher, student, fmnist["unlabelled"], validation_data=fmnist["test"], epochs=1,
+            batch_size=64, train_only=train_only, verbose=0,
+        )  # fmt: skip
+        assert result.train_only == train_only
+        after = {w.path: w.numpy() for w in model.weights}
+        assert after.keys() == start.keys()
+        changed = {p for p in start if not np.array_equal(start[p], after[p])}
+        if train_only == "sites":
+            assert changed == sites, sorted(changed ^ sites)
+        else:
+            assert kernels <= changed, sorted(kernels - changed)
+    for w in student.weights:  # the student given is never modified
+        np.testing.assert_array_equal(w.numpy(), start[w.path])
+
+
 _MIRRORED = textwrap.dedent(
     """
     import json, sys
