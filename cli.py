@@ -482,7 +482,7 @@ def _finetune(graphopt, args, sources: list[str]) -> int:
             student_name=sources[1],
         )
     except KeyboardInterrupt:
-        from graphopt.finetune import resume_epoch
+        from graphopt.checkpoint import resume_epoch
 
         done = resume_epoch(checkpoint)
         if not done:
@@ -654,9 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         from graphopt.errors import GraphoptError, InternalError
 
         models = args.model if isinstance(args.model, list) else [args.model]
-        named = models + [
-            p for p in (getattr(args, "data", None), getattr(args, "output", None)) if p
-        ]
+        extra = ("data", "output", "checkpoint_dir")
+        named = models + [p for p in (getattr(args, a, None) for a in extra) if p]
         line = _one_line(exc)
         if not any(m in line for m in named):
             line = f"{', '.join(models)}: {line}"  # every message names the file

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from graphopt import checkpoint
 from graphopt.data import DEFAULT_PREPROCESS, Samples, load_samples
 from graphopt.errors import InputError, UsageError
 
@@ -304,13 +305,16 @@ def finetune(
     decay from `lr` over all steps. `train_only="sites"` trains only K, L and their
     BatchNormalization. `strategy`: "auto", "one", "mirrored", "multiworker" or a
     tf.distribute.Strategy (create it before building models); `batch_size` is global.
-    `checkpoint_dir`: a `keras.callbacks.BackupAndRestore` folder; a run started again with the
-    same folder resumes after its last finished epoch. `verbose`: "auto" (Keras' progress bar on
-    a terminal, one line per epoch otherwise), 0 or 1.
+    `checkpoint_dir`: a `keras.callbacks.BackupAndRestore` folder (made safe against kills,
+    see `keras_checkpoint`); a run started again with the same folder and the same options
+    resumes after its last finished epoch, one with other options is refused (UsageError; see
+    `graphopt.checkpoint` for what counts as the same models and data). `verbose`: "auto"
+    (Keras' progress bar on a terminal, one line per epoch otherwise), 0 or 1.
     """
     import keras
 
     from graphopt.backends import keras_distill as kd
+    from graphopt.backends.keras_checkpoint import AtomicBackupAndRestore
 
     teacher_name = teacher_name or teacher.name
     student_name = student_name or student.name
@@ -320,8 +324,32 @@ def finetune(
     strategy_name = kd.strategy_name(strategy)
     check_pair(teacher, student, teacher_name, student_name)
     start = time.monotonic()
+    index, workers, chief = kd.worker_of(strategy)
+    replicas = strategy.num_replicas_in_sync
+    folder = resumed_at = None
+    if checkpoint_dir:
+        folder = checkpoint_dir if chief else f"{checkpoint_dir}.worker-{index}"
+        options = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": float(lr),
+            "temperature": float(temperature),
+            "alpha": float(alpha),
+            "train_only": train_only,
+            "strategy": strategy_name,
+            "replicas": replicas,
+            "workers": workers,
+            "seed": seed,
+            "teacher": checkpoint.digest_weights(teacher.get_weights()),
+            "student": checkpoint.digest_weights(student.get_weights()),
+        }
+        checkpoint.check(folder, options)  # before the data are loaded: a quick refusal
     keras.utils.set_random_seed(seed)
     setup = _prepare(teacher, data, validation_data, validation_split, preprocess, limit, seed)
+    if folder:
+        options["data"] = checkpoint.digest_samples(setup.train)
+        options["held_out"] = checkpoint.digest_samples(setup.held)
+        resumed_at = checkpoint.check(folder, options)
     held_x = _x(setup.held, teacher)
     teacher_eval = evaluate(
         setup.held_targets, setup.held_targets, setup.kinds, setup.held_labels, setup.labelled
@@ -330,8 +358,6 @@ def finetune(
         kd.predict(student, held_x), setup.held_targets, setup.kinds, setup.held_labels,
         setup.labelled,
     )  # fmt: skip
-    index, workers, chief = kd.worker_of(strategy)
-    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         trainee = kd.copy_model(student)
         if train_only == "sites":
@@ -374,16 +400,11 @@ def finetune(
     prefix = f"worker {index + 1}/{workers}: " if workers > 1 else ""
     log = _EpochLog(settle, epochs, prefix if lines else None, on_epoch)
     callbacks = [kd.EpochEnd(log)]
-    resumed_at = folder = None
-    if checkpoint_dir:
-        folder = checkpoint_dir if chief else f"{checkpoint_dir}.worker-{index}"
-        resumed_at = resume_epoch(folder)
+    if folder:
+        checkpoint.record(folder, options)
         if resumed_at and lines:
             print(f"{prefix}resuming from {folder} at epoch {resumed_at + 1}", flush=True)
-        backup = keras.callbacks.BackupAndRestore(
-            folder, double_checkpoint=True, delete_checkpoint=False
-        )
-        callbacks.insert(0, backup)
+        callbacks.insert(0, AtomicBackupAndRestore(folder))
     with warnings.catch_warnings():  # "shuffle=True ... ignored": the dataset is shuffled
         warnings.simplefilter("ignore", UserWarning)
         distiller.fit(dataset, epochs=epochs, verbose=keras_verbose, callbacks=callbacks)
@@ -415,16 +436,6 @@ def finetune(
         checkpoint=folder,
     )
     return final, result
-
-
-def resume_epoch(folder: str) -> int | None:
-    """The number of epochs a checkpoint folder holds (None when there is none)."""
-    path = os.path.join(folder, "training_metadata.json")
-    try:
-        with open(path) as f:
-            return int(json.load(f)["epoch"]) or None
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _check_options(epochs, batch_size, lr, temperature, alpha, train_only) -> None:

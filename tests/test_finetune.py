@@ -210,30 +210,51 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(fmnist, tmp_path, case
 # ---- training runs ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnist, tmp_path):
-    """Ctrl-C after epoch 1 leaves the checkpoint and says how to resume; the same command then
-    resumes at epoch 2 and ends where an uninterrupted run ends (within noise); the input models
-    are never modified."""
-    before = {k: file_bytes(fmnist[k]) for k in ("teacher", "student")}
-    # batch 16: epochs of 24 steps, so that the signal sent on the first epoch's line arrives
-    # before the second epoch ends even when this process is slow to read that line
-    small = ("--batch-size", "16")
-    whole = tmp_path / "whole.keras"
+# batch 16: epochs of 24 steps, so that a signal sent on the first epoch's line arrives before
+# the second epoch ends even when this process is slow to read that line
+SMALL_BATCH = ("--batch-size", "16")
+RESUME_TOLERANCE = 0.1
+"""How far a resumed run's held-out accuracy may be from an uninterrupted run's (noise: the
+shuffle restarts with the resumed run)."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fmnist, tmp_path_factory):
+    """The run that interrupted runs must match: (its process, its JSON report, its output)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    whole = folder / "whole.keras"
     proc = run_pwgroup(
-        *_finetune_args(fmnist, whole, "--json", str(tmp_path / "whole.json"), *small)
+        *_finetune_args(fmnist, whole, "--json", str(folder / "whole.json"), *SMALL_BATCH)
     )
     assert proc.returncode == 0, proc.stderr
+    return proc, json.loads((folder / "whole.json").read_text()), whole
+
+
+def _assert_resumed_like(uninterrupted, resumed: dict) -> None:
+    report = uninterrupted[1]
+    assert resumed["resumed_at"] == 2
+    assert [e["epoch"] for e in resumed["history"]] == [2]
+    assert abs(resumed["after"]["accuracy"] - report["after"]["accuracy"]) < RESUME_TOLERANCE
+
+
+@pytest.mark.slow
+def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(
+    fmnist, tmp_path, uninterrupted
+):
+    """Ctrl-C after epoch 1 leaves the checkpoint, with the options it was started with, and
+    says how to resume; the same command then resumes at epoch 2 and ends where an
+    uninterrupted run ends (within noise); the input models are never modified."""
+    before = {k: file_bytes(fmnist[k]) for k in ("teacher", "student")}
+    proc, report, whole = uninterrupted
     assert proc.stderr == ""
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout  # one line per epoch
-    report = json.loads((tmp_path / "whole.json").read_text())
     assert report["after"]["agreement"] > report["before"]["agreement"] + 0.2
     assert report["teacher_cached"] and not report["labels"]
     assert [e["epoch"] for e in report["history"]] == [1, 2]
     assert not os.path.exists(str(whole) + ".checkpoint")
 
     out = tmp_path / "resumed.keras"
-    args = _finetune_args(fmnist, out, "--json", str(tmp_path / "resumed.json"), *small)
+    args = _finetune_args(fmnist, out, "--json", str(tmp_path / "resumed.json"), *SMALL_BATCH)
     # SIGINT at its default in the child: a shell ignores it in background jobs (nohup, CI),
     # and a process that starts with it ignored never sees Ctrl-C
     run = subprocess.Popen(["pwgroup", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -246,13 +267,15 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnis
     assert run.returncode == 130, err
     assert "holds epoch 1 of 2: run the same command again to resume" in err
     assert os.path.exists(str(out) + ".checkpoint") and not out.exists()
+    with open(os.path.join(str(out) + ".checkpoint", "pwgroup_options.json")) as f:
+        options = json.load(f)
+    assert (options["epochs"], options["batch_size"], options["train_only"]) == (2, 16, "all")
+    assert options["data"]["samples"] == 384 and options["held_out"]["samples"] == 256
 
     proc = run_pwgroup(*args)
     assert proc.returncode == 0, proc.stderr
     assert "at epoch 2" in proc.stdout and "epoch 1/2" not in proc.stdout
-    resumed = json.loads((tmp_path / "resumed.json").read_text())
-    assert resumed["resumed_at"] == 2
-    assert abs(resumed["after"]["accuracy"] - report["after"]["accuracy"]) < 0.1
+    _assert_resumed_like(uninterrupted, json.loads((tmp_path / "resumed.json").read_text()))
     assert not os.path.exists(str(out) + ".checkpoint")
     assert {k: file_bytes(fmnist[k]) for k in before} == before
 
@@ -266,6 +289,87 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(fmnis
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    return {name: file_bytes(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.slow
+def test_cli_finetune_killed_refuses_other_options_then_resumes_like_an_uninterrupted_run(
+    fmnist, tmp_path, uninterrupted
+):
+    """SIGKILL once the first epoch's checkpoint is written: no output, nothing but the
+    checkpoint left. The command with other options is refused (one line naming the folder and
+    what differs, exit 2, nothing written); the same command resumes at epoch 2 and ends where
+    an uninterrupted run ends (within noise); the input models are never modified."""
+    inputs = {k: file_bytes(fmnist[k]) for k in ("teacher", "student")}
+    out, report = tmp_path / "killed.keras", tmp_path / "killed.json"
+    folder = str(out) + ".checkpoint"
+    args = _finetune_args(fmnist, out, "--json", str(report), *SMALL_BATCH)
+    run = subprocess.Popen(["pwgroup", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    for line in run.stdout:
+        if line.startswith("epoch 1/2"):  # printed once the epoch's checkpoint is committed
+            run.kill()
+            break
+    run.communicate(timeout=300)
+    assert run.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(folder)]  # no output, no temp file
+    checkpoint = _files(folder)
+    assert json.loads(checkpoint["training_metadata.json"])["epoch"] == 1
+
+    for extra, differ in (
+        (("--epochs", "3", "--lr", "0.001"), ("epochs 2, now 3", "lr 0.002, now 0.001")),
+        (("--limit", "300"), ("training data: 384 samples, now 300",)),
+    ):
+        proc = run_pwgroup(*args, *extra)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"pwgroup: {folder}: "), proc.stderr
+        assert all(d in lines[0] for d in differ), lines[0]
+        assert "run with the same options" in lines[0] and f"delete {folder}" in lines[0]
+        assert sorted(os.listdir(tmp_path)) == [os.path.basename(folder)]
+        assert _files(folder) == checkpoint
+
+    proc = run_pwgroup(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming from {folder} at epoch 2" in proc.stdout and "epoch 1/2" not in proc.stdout
+    _assert_resumed_like(uninterrupted, json.loads(report.read_text()))
+    assert out.exists() and not os.path.exists(folder)
+    assert {k: file_bytes(fmnist[k]) for k in inputs} == inputs
+
+
+@pytest.mark.slow
+def test_train_only_sites_trains_nothing_else(fmnist):
+    """One epoch with `sites`: every weight outside K, L and the BatchNormalization after them
+    is bit-identical to the student's, BatchNormalization moving statistics included (finetune
+    re-estimates the statistics only of the layers that train), and every site weight moved.
+    With `all`, the other weights move too."""
+    import graphopt
+    from graphopt.backends.keras_distill import site_layers
+
+    teacher, student = graphopt.load(fmnist["teacher"]), graphopt.load(fmnist["student"])
+    start = {w.path: w.numpy() for w in student.weights}
+    sites = {w.path for layer in site_layers(student) for w in layer.weights}
+    assert sites and len(sites) < len(start)
+    kernels = {p for p in start if p not in sites and p.endswith("kernel")}
+    assert kernels
+    for train_only in ("sites", "all"):
+        model, result = graphopt.finetune(
+            teacher, student, fmnist["unlabelled"], validation_data=fmnist["test"], epochs=1,
+            batch_size=64, train_only=train_only, verbose=0,
+        )  # fmt: skip
+        assert result.train_only == train_only
+        after = {w.path: w.numpy() for w in model.weights}
+        assert after.keys() == start.keys()
+        changed = {p for p in start if not np.array_equal(start[p], after[p])}
+        if train_only == "sites":
+            assert changed == sites, sorted(changed ^ sites)
+        else:
+            assert kernels <= changed, sorted(kernels - changed)
+    for w in student.weights:  # the student given is never modified
+        np.testing.assert_array_equal(w.numpy(), start[w.path])
 
 
 _MIRRORED = textwrap.dedent(
