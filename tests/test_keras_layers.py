@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import pytest
 
-from graphopt.backends import keras_layers
 from graphopt.backends.keras_layers import ChannelInterleave, GroupedPointwiseConv
 from tests.numpy_reference import grouped_pointwise, interleave
 
@@ -24,19 +23,17 @@ def test_grouped_conv_matches_numpy_and_holds_only_the_grouped_kernel(cin, filte
     np.testing.assert_allclose(y, grouped_pointwise(x, kernel[0, 0], groups, bias), atol=1e-4)
 
 
-def test_both_strategies_agree_with_keras_grouped_conv():
+def test_every_strategy_agrees_with_keras_grouped_conv():
     x = np.random.default_rng(1).normal(size=(2, 4, 4, 64)).astype("float32")
     stock = keras.layers.Conv2D(32, 1, groups=8, use_bias=False)
     ref = keras.ops.convert_to_numpy(stock(x))
     ours = GroupedPointwiseConv(32, 8, use_bias=False)
     ours.build(x.shape)
     ours.set_weights(stock.get_weights())
-    for threshold in (1, 10**6):  # batched matmul, then block-diagonal dense
-        keras_layers.BATCHED_FROM_GROUPS = threshold
-        try:
-            np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(x)), ref, atol=1e-5)
-        finally:
-            keras_layers.BATCHED_FROM_GROUPS = 16
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(x)), ref, atol=1e-5)
+    # the matmul strategies of 3-D convs and other backends: batched, block-diagonal dense
+    for strategy in (ours._batched, ours._block_diagonal):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(strategy(x)), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank,strides", [(1, 1), (1, 2), (2, 2), (3, 1)])
@@ -70,3 +67,66 @@ def test_interleave_on_the_channels_first_axis():
     x = np.arange(2 * 12 * 3 * 2, dtype="float32").reshape(2, 12, 3, 2)
     y = keras.ops.convert_to_numpy(ChannelInterleave(4, axis=1)(x))
     np.testing.assert_array_equal(y, interleave(x, 4, axis=1))
+
+
+@pytest.mark.parametrize(
+    "epsilon,center,scale,shape",
+    [
+        (1e-3, True, True, (8, 5, 5, 6)),
+        (1e-5, False, True, (4, 1, 1, 6)),
+        (1e-3, True, False, (8, 3, 7, 6)),
+    ],
+)
+def test_site_batch_norm_trains_like_keras_batch_norm(epsilon, center, scale, shape):
+    """A site's BN (fused kernel in training) gives Keras' outputs, gradients and moving
+    statistics, and Keras' inference; ranks the kernel does not cover go through Keras."""
+    import tensorflow as tf
+
+    from graphopt.backends.keras_layers import SiteBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2, 3, shape).astype("float32")
+    config = dict(epsilon=epsilon, center=center, scale=scale, momentum=0.9)
+    plain, fused = keras.layers.BatchNormalization(**config), SiteBatchNormalization(**config)
+    plain.build(shape), fused.build(shape)
+    weights = [rng.normal(size=w.shape).astype("float32") for w in plain.get_weights()]
+    weights[-1] = np.abs(weights[-1])
+    plain.set_weights(weights), fused.set_weights(weights)
+    results = []
+    for layer in (plain, fused):
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+            loss = tf.reduce_sum(y * tf.range(1.0, shape[-1] + 1.0))
+        grads = tape.gradient(loss, [xt, *layer.trainable_weights])
+        results.append((y, grads, layer.get_weights(), layer(xt, training=False)))
+    (y0, g0, w0, i0), (y1, g1, w1, i1) = results
+    np.testing.assert_allclose(y1, y0, atol=1e-5)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    for a, b in zip(w1, w0):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(i1, i0, atol=1e-5)
+    flat = rng.normal(size=(8, 6)).astype("float32")  # rank 2: Keras' own code
+    plain, fused = keras.layers.BatchNormalization(**config), SiteBatchNormalization(**config)
+    np.testing.assert_allclose(fused(flat, training=True), plain(flat, training=True), atol=1e-5)
+
+
+def test_paper_rewrite_site_norms_are_fused_and_reload():
+    import os
+    import tempfile
+
+    import graphopt
+    from fixtures.keras_models import conv_bn_act
+    from graphopt.backends.keras_layers import SiteBatchNormalization
+
+    model, _ = graphopt.rewrite(conv_bn_act(), mode="paper")
+    norms = [n for n in model.layers if isinstance(n, keras.layers.BatchNormalization)]
+    assert norms and all(type(n) is SiteBatchNormalization for n in norms)
+    x = np.random.default_rng(0).normal(size=(2, *model.input_shape[1:])).astype("float32")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.keras")
+        model.save(path)
+        again = keras.models.load_model(path)
+    np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)

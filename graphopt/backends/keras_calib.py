@@ -106,17 +106,13 @@ class KerasCalibration:
         if count < BATCH:
             arrays = [np.concatenate([a, np.repeat(a[-1:], BATCH - count, 0)]) for a in arrays]
         outputs = model.predict_on_batch(arrays[0] if len(arrays) == 1 else arrays)
-        return keras.tree.map_structure(
-            lambda o: keras.ops.convert_to_numpy(o)[:count], outputs
-        )
+        return keras.tree.map_structure(lambda o: keras.ops.convert_to_numpy(o)[:count], outputs)
 
     def run(self, model, samples: Samples) -> list[np.ndarray]:
         parts = []
         for feed in samples.batches(BATCH):
             parts.append(keras.tree.flatten(self._predict(model, feed)))
         return [np.concatenate(column) for column in zip(*parts)]
-
-
 
 
 def _step(layer) -> Step:
