@@ -411,10 +411,15 @@ def _run_one(graphopt, args, source: str, output: str | None):
             dense_sequences=args.dense_sequences,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
+        from graphopt.backends.onnx_io import is_large, shape_only, without_weights
         from graphopt.backends.onnx_verify import verify
 
+        path = None
+        if is_large(model) and not args.latency:
+            # the weights are in the input file: let onnxruntime alone hold them from there
+            model, path = without_weights(model, shape_only), source
         with step("checking in onnxruntime", show):
-            verify(model, new_model, provider=args.provider)
+            verify(model, new_model, provider=args.provider, original_path=path)
     if args.latency:
         with step("timing in onnxruntime (--latency)", show):
             report.latency = _latency(graphopt, args, kind, model, new_model)

@@ -88,7 +88,7 @@ def session_options(purpose: str = "to run an ONNX model"):
 
 
 def session(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str,
     provider: str = "CPUExecutionProvider",
     purpose: str = "to run an ONNX model",
     timing: bool = False,
@@ -110,6 +110,8 @@ def session(
     providers = ["CPUExecutionProvider"]
     if provider in available and provider != "CPUExecutionProvider":
         providers.insert(0, provider)
+    if isinstance(model, str):  # a file: onnxruntime reads it and its external data itself
+        return ort.InferenceSession(model, options, providers=providers)
     if not is_large(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with _on_disk(model) as path:  # protobuf cannot serialise it in one piece
@@ -150,10 +152,18 @@ def _runnable_feed(model, ref):
 
 
 def verify(
-    original: onnx.ModelProto, rewritten: onnx.ModelProto, provider: str = "CPUExecutionProvider"
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    provider: str = "CPUExecutionProvider",
+    original_path: str | None = None,
 ) -> None:
     """Raise VerificationError unless `rewritten` passes the checker, keeps the interface of
-    `original` and runs in onnxruntime with finite outputs of the original's shapes."""
+    `original` and runs in onnxruntime with finite outputs of the original's shapes.
+
+    With `original_path` (the file `original` was read from) onnxruntime reads the original
+    from there, and `original` may be a copy without weight data (`onnx_io.without_weights`):
+    a model over 2 GB is then never in memory twice. The original's session is let go before
+    the rewritten one is made."""
     try:
         _checked(rewritten)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -164,18 +174,19 @@ def verify(
         raise VerificationError("the rewritten model's inputs/outputs differ from the original's")
     runtime.onnxruntime(CHECK_PURPOSE)  # a missing runtime is not a broken model
     try:
-        ref = session(original, provider)
+        ref = session(original_path or original, provider)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
             "onnxruntime cannot load the input model, so the result cannot be checked "
             f"(--no-verify skips the check): {why}"
         ) from exc
+    feed, expected = _runnable_feed(original, ref)
+    del ref  # its copy of the weights goes before the rewritten model's session is made
     try:
         new = session(rewritten, provider)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph
         raise VerificationError(f"onnxruntime cannot load the rewritten model: {exc}") from exc
-    feed, expected = _runnable_feed(original, ref)
     if feed is None:
         return  # the original itself runs on no random input we can make: nothing to compare
     try:
