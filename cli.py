@@ -411,6 +411,8 @@ def _run_one(graphopt, args, source: str, output: str | None):
             dense_sequences=args.dense_sequences,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
+        import gc
+
         from graphopt.backends.onnx_io import is_large, shape_only, without_weights
         from graphopt.backends.onnx_verify import verify
 
@@ -418,6 +420,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
         if is_large(model) and not args.latency:
             # the weights are in the input file: let onnxruntime alone hold them from there
             model, path = without_weights(model, shape_only), source
+            gc.collect()  # the rewrite's graph objects hold the original in reference cycles
         with step("checking in onnxruntime", show):
             verify(model, new_model, provider=args.provider, original_path=path)
     if args.latency:
