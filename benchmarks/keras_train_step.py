@@ -16,11 +16,15 @@ import numpy as np
 import graphopt
 
 
-def prepare(model, x, y) -> None:
+def prepare(model, x, y, jit: bool = False) -> None:
     """Compile once and trace (tracing B0 takes about a minute on 2 cores)."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=jit,
+    )
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
 
@@ -45,8 +49,8 @@ def measure(factory, size: int, args) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, size, size, 3)).astype("float32")
     y = rng.integers(0, 10, args.batch)
-    prepare(original, x, y)
-    prepare(rewritten, x, y)
+    prepare(original, x, y, args.jit)
+    prepare(rewritten, x, y, args.jit)
     rounds = {"original": [], "rewritten": []}
     for _ in range(3):  # interleave A/B rounds: the machine is shared and noisy
         rounds["original"] += step_times(original, x, y, args.steps // 3 or 1)
@@ -64,11 +68,13 @@ def main() -> None:
     parser.add_argument("--variant", default="B0")
     parser.add_argument("--mode", default="paper", choices=("paper", "linear"))
     parser.add_argument("--exclude", action="append", default=[], help="site glob to leave")
+    parser.add_argument("--jit", action="store_true", help="both models compiled with XLA")
     args = parser.parse_args()
     factory = getattr(keras.applications, f"EfficientNet{args.variant}")
     print(
         f"EfficientNet{args.variant}, {args.mode} mode"
-        f"{''.join(f', --exclude {e}' for e in args.exclude)}, batch {args.batch}, "
+        f"{''.join(f', --exclude {e}' for e in args.exclude)}{', XLA' if args.jit else ''}, "
+        f"batch {args.batch}, "
         f"{args.steps} train_on_batch steps each, medians"
     )
     print(f"{'input':>9} {'original ms':>12} {'rewritten ms':>13} {'ratio':>6} {'target':>7}")
