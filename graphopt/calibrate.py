@@ -62,6 +62,35 @@ class Built:
     """Site name -> what the backend needs to put new weights into `model` in place."""
 
 
+@dataclass
+class RewriteOptions:
+    """What a backend's adapter holds besides its own state: the original model and the
+    options every rewrite of it is built with."""
+
+    original: object
+    mode: str
+    min_channels_per_group: int
+    seed: int = 0
+    name: str | None = None
+    dense_sequences: bool = False
+
+    def rewrite_found(self, rewrite, selection: Selection, weights) -> tuple:
+        """(model, report, found sites) of the backend's `rewrite` with these options."""
+        found: dict = {}
+        model, report = rewrite(
+            self.original,
+            self.mode,
+            self.min_channels_per_group,
+            self.seed,
+            self.name,
+            selection,
+            weights=weights,
+            found=found,
+            dense_sequences=self.dense_sequences,
+        )
+        return model, report, found
+
+
 class Backend(Protocol):
     original: object
     output_names: list[str]
@@ -268,7 +297,6 @@ class Calibration:
         if self.targets.auto_groups:
             selection = self._auto_groups(infos, selection)
         model, report, weights = self._sequential(selection)
-        self.weights = weights
         outputs = self._compare(model)
         curve = [self._point(report, outputs, [])]
         if self.targets.wanted() and not self.targets.met(outputs):
@@ -399,6 +427,8 @@ class Calibration:
         report = built.report
         report.sites = [plans.get(s.name, s) for s in report.sites]
         self.weights_plans = plans
+        self.weights = weights
+        """The weights of the last fit, site by site (what `built.model` holds)."""
         return built.model, report, weights
 
     def _control(self, selection, weights, report, outputs, curve):
@@ -421,7 +451,7 @@ class Calibration:
             if self.targets.met(outputs):
                 break
         # the remaining sites see other inputs now: fit them again in that context
-        model, report, self.weights = self._sequential(selection)
+        model, report, _ = self._sequential(selection)
         outputs = self._compare(model)
         curve.append(self._point(report, outputs, left) | {"refitted": True})
         return model, report, outputs

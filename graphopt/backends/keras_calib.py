@@ -10,20 +10,15 @@ import keras
 import numpy as np
 
 from graphopt.backends.keras_rewrite import put_fitted
-from graphopt.calibrate import BATCH, Built, SiteInfo
+from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
 from graphopt.data import Samples
 from graphopt.plan import PAPER, Selection
 from graphopt.reconstruct import Step
 
 
 @dataclass
-class KerasCalibration:
+class KerasCalibration(RewriteOptions):
     original: keras.Model
-    mode: str
-    min_channels_per_group: int
-    seed: int = 0
-    name: str | None = None
-    dense_sequences: bool = False
     _last: tuple | None = field(default=None, repr=False)
 
     @property
@@ -33,18 +28,7 @@ class KerasCalibration:
     def build(self, selection: Selection, weights) -> Built:
         from graphopt.api import _rewrite_keras
 
-        found: dict = {}
-        model, report = _rewrite_keras(
-            self.original,
-            self.mode,
-            self.min_channels_per_group,
-            self.seed,
-            self.name,
-            selection,
-            weights=weights,
-            found=found,
-            dense_sequences=self.dense_sequences,
-        )
+        model, report, found = self.rewrite_found(_rewrite_keras, selection, weights)
         sites, handles = {}, {}
         for name, site in found.items():
             layers = site.replacement

@@ -11,20 +11,16 @@ import onnx
 from onnx import numpy_helper
 
 from graphopt.backends.onnx_build import constant_value
-from graphopt.calibrate import BATCH, Built, SiteInfo
+from graphopt.backends.onnx_io import copy_fields
+from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
 from graphopt.data import Samples
 from graphopt.plan import PAPER, Selection
 from graphopt.reconstruct import Step
 
 
 @dataclass
-class OnnxCalibration:
+class OnnxCalibration(RewriteOptions):
     original: onnx.ModelProto
-    mode: str
-    min_channels_per_group: int
-    seed: int = 0
-    name: str | None = None
-    dense_sequences: bool = False
     provider: str = "CPUExecutionProvider"
     _last: tuple | None = field(default=None, repr=False)
 
@@ -35,18 +31,7 @@ class OnnxCalibration:
     def build(self, selection: Selection, weights) -> Built:
         from graphopt.backends.onnx_rewrite import rewrite_onnx
 
-        found: dict = {}
-        model, report = rewrite_onnx(
-            self.original,
-            self.mode,
-            self.min_channels_per_group,
-            self.seed,
-            self.name,
-            selection,
-            weights=weights,
-            found=found,
-            dense_sequences=self.dense_sequences,
-        )
+        model, report, found = self.rewrite_found(rewrite_onnx, selection, weights)
         sites, handles = {}, {}
         initializers = {t.name: t for t in model.graph.initializer}
         for name, site in found.items():
@@ -139,9 +124,9 @@ def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             continue
         keep.add(index)
         stack += [n for n in _reads(graph.node[index]) if n]
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    del pruned.graph.node[:], pruned.graph.initializer[:], pruned.graph.output[:]
+    pruned = onnx.ModelProto()  # only the weights kept are copied
+    copy_fields(model, pruned, skip={"graph"})
+    copy_fields(graph, pruned.graph, skip={"node", "initializer", "output"})
     pruned.graph.node.extend(graph.node[i] for i in sorted(keep))
     pruned.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
     pruned.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)

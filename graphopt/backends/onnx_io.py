@@ -245,12 +245,12 @@ def without_weights(model: onnx.ModelProto, replace) -> onnx.ModelProto:
     """A copy of `model` whose initializers and Constant values (subgraphs included) are
     `replace(tensor)`, made without copying the originals' data."""
     out = onnx.ModelProto()
-    _copy_fields(model, out, skip={"graph"})
+    copy_fields(model, out, skip={"graph"})
     out.graph.CopyFrom(_graph_without_weights(model.graph, replace))
     return out
 
 
-def _copy_fields(src, dst, skip=frozenset()) -> None:
+def copy_fields(src, dst, skip=frozenset()) -> None:
     for fd, value in src.ListFields():
         if fd.name in skip:
             continue
@@ -264,21 +264,21 @@ def _copy_fields(src, dst, skip=frozenset()) -> None:
 
 def _graph_without_weights(graph: onnx.GraphProto, replace) -> onnx.GraphProto:
     out = onnx.GraphProto()
-    _copy_fields(graph, out, skip={"initializer", "node"})
+    copy_fields(graph, out, skip={"initializer", "node"})
     out.initializer.extend(replace(t) for t in graph.initializer)
     for node in graph.node:
         copy = out.node.add()
-        _copy_fields(node, copy, skip={"attribute"})
+        copy_fields(node, copy, skip={"attribute"})
         for attr in node.attribute:
             a = copy.attribute.add()
             if attr.type == onnx.AttributeProto.GRAPH:
-                _copy_fields(attr, a, skip={"g"})
+                copy_fields(attr, a, skip={"g"})
                 a.g.CopyFrom(_graph_without_weights(attr.g, replace))
             elif attr.type == onnx.AttributeProto.GRAPHS:
-                _copy_fields(attr, a, skip={"graphs"})
+                copy_fields(attr, a, skip={"graphs"})
                 a.graphs.extend(_graph_without_weights(g, replace) for g in attr.graphs)
             elif attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
-                _copy_fields(attr, a, skip={"t"})
+                copy_fields(attr, a, skip={"t"})
                 a.t.CopyFrom(replace(attr.t))
             else:
                 a.CopyFrom(attr)
