@@ -30,8 +30,9 @@ def make_session(model: onnx.ModelProto, provider: str):
     return session(model, provider, "to benchmark", timing=True)
 
 
-def kernel_time_by_op(model: onnx.ModelProto, provider: str, feed: dict, runs: int = 10):
-    """onnxruntime's own profile: kernel milliseconds per run by op type (where time goes)."""
+def kernel_time_by_node(model: onnx.ModelProto, provider: str, feed: dict, runs: int = 10):
+    """onnxruntime's own profile: {node name: (op type, kernel ms per run)} of the optimized
+    graph (where time goes)."""
     import collections
     import json
 
@@ -44,11 +45,35 @@ def kernel_time_by_op(model: onnx.ModelProto, provider: str, feed: dict, runs: i
             s.run(None, feed)
         with open(s.end_profiling()) as f:
             events = json.load(f)
-    by_op = collections.Counter()
+    ms, ops = collections.Counter(), {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
-    return by_op
+            name = e["name"][: -len("_kernel_time")]
+            ms[name] += e["dur"] / 1000 / runs
+            ops[name] = e["args"]["op_name"]
+    return {name: (ops[name], t) for name, t in ms.items()}
+
+
+def by_op(nodes: dict):
+    import collections
+
+    total = collections.Counter()
+    for op, t in nodes.values():
+        total[op] += t
+    return total
+
+
+def ceiling(nodes: dict, report) -> tuple[float, float]:
+    """(share of the original's kernel time in its site convs, the lowest rewritten/original
+    ratio any rewrite with these sites could reach): the sites' convs at the dense convs'
+    speed per MAC, the interleave, residual sum and branch copies free, everything else as
+    it was. A site conv is found by its tf2onnx layer prefix (`model/layer/`), which also
+    catches an activation onnxruntime fused into it, so the ceiling errs low."""
+    prefixes = tuple("/".join(s.name.split("/")[:2]) + "/" for s in report.sites)
+    total = sum(t for _, t in nodes.values())
+    sites = sum(t for n, (op, t) in nodes.items() if op == "Conv" and n.startswith(prefixes))
+    macs = report.site_macs_after / report.site_macs_before
+    return sites / total, (total - sites + sites * macs) / total
 
 
 def interleaved_medians(sessions: dict, feed: dict, repeat: int) -> dict:
@@ -129,9 +154,16 @@ def main() -> None:
         print(f"batch {batch:2d}: {line}")
         if args.profile:
             before, after = (
-                kernel_time_by_op(variants[v], args.provider, {name: x})
+                kernel_time_by_node(variants[v], args.provider, {name: x})
                 for v in ("original", "rewritten/gather")
             )
+            share, best = ceiling(before, report)
+            print(
+                f"  site convs: {share:.0%} of the original's kernel time; ceiling {best:.2f} "
+                f"(the sites' {report.site_macs_after / report.site_macs_before:.1%} of the "
+                "MACs at the dense convs' speed per MAC, interleave, sum and branch copies free)"
+            )
+            before, after = by_op(before), by_op(after)
             total = sum(before.values())
             print(
                 f"  kernel ms by op, original -> rewritten/gather (share of original {total:.1f}):"
