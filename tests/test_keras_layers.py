@@ -11,7 +11,8 @@ from tests.numpy_reference import grouped_pointwise, interleave
 
 
 @pytest.mark.parametrize(
-    "cin,filters,groups", [(32, 16, 2), (64, 64, 4), (1152, 192, 64), (80, 480, 5), (96, 4, 4)]
+    "cin,filters,groups",
+    [(32, 16, 2), (64, 64, 4), (1152, 192, 64), (80, 480, 5), (96, 4, 4), (8, 16, 8), (6, 6, 6)],
 )
 def test_grouped_conv_matches_numpy_and_holds_only_the_grouped_kernel(cin, filters, groups):
     layer = GroupedPointwiseConv(filters, groups, use_bias=True, bias_initializer="random_normal")
