@@ -1,8 +1,8 @@
 """Median training-step time (batch 32, CPU) of EfficientNetB0 before and after the rewrite
 (paper mode), at 32x32, 64x64 and 224x224.
 
-Usage: python benchmarks/keras_train_step.py [--sizes 32,64,224] [--steps 15] [--variant B0]
-       [--ceiling]
+Usage: python benchmarks/keras_train_step.py [--sizes 32,64,224] [--steps 30] [--variant B0]
+       [--ceiling] [--grouped-conv] [--optimizer adam]
 Targets (issue 11): rewritten/original <= 1.0 at 32x32, <= 0.9 at 64x64 and 224x224.
 
 --ceiling also times the original with every site's conv replaced by a free channel map (a
@@ -10,6 +10,10 @@ slice, or a tile when the conv widens): the rest of the train step, which the re
 touch. With the sites' convs at the dense convs' speed per multiply-add and the interleave, the
 residual sum and the branch copies free, the rewrite could not go below
 `(free + (original - free) * site MACs after / before) / original`.
+
+--grouped-conv also times the same rewrite with its groups of one input or one output channel
+(the squeeze-excitation sites' K and L) traced as grouped convolutions, as before they were
+computed as elementwise products.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import numpy as np
 
 import graphopt
+from graphopt.backends import keras_layers
 
 
 def prepare(model, x, y, jit: bool = False, optimizer: str = "adam") -> None:
@@ -85,10 +90,18 @@ def measure(factory, size: int, args) -> dict:
     y = rng.integers(0, 10, args.batch)
     for model in models.values():
         prepare(model, x, y, args.jit, args.optimizer)
+    if args.grouped_conv:  # the same rewrite, its one-channel groups traced as grouped convs
+        models["grouped conv"], _ = graphopt.rewrite(original, mode=args.mode)
+        elementwise = keras_layers.GroupedPointwiseConv._one_per_group
+        keras_layers.GroupedPointwiseConv._one_per_group = lambda self, x: self._as_grouped_conv(x)
+        try:
+            prepare(models["grouped conv"], x, y, args.jit, args.optimizer)
+        finally:
+            keras_layers.GroupedPointwiseConv._one_per_group = elementwise
     rounds = {name: [] for name in models}
-    for _ in range(3):  # interleave rounds: the machine is shared and noisy
+    for _ in range(args.steps):  # one step of each in turn: the machine is shared and noisy
         for name, model in models.items():
-            rounds[name] += step_times(model, x, y, args.steps // 3 or 1)
+            rounds[name] += step_times(model, x, y, 1)
     medians = {name: statistics.median(times) for name, times in rounds.items()}
     medians["macs"] = report.site_macs_after / report.site_macs_before
     return medians
@@ -99,7 +112,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="32,64,224")
-    parser.add_argument("--steps", type=int, default=15, help="per model and size")
+    parser.add_argument("--steps", type=int, default=30, help="per model and size")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--variant", default="B0")
     parser.add_argument("--mode", default="paper", choices=("paper", "linear"))
@@ -112,6 +125,11 @@ def main() -> None:
         "a few ops: the rewrite has more variables)",
     )
     parser.add_argument(
+        "--grouped-conv",
+        action="store_true",
+        help="also time the rewrite with its one-channel groups as grouped convs (before)",
+    )
+    parser.add_argument(
         "--ceiling", action="store_true", help="also time the original without its sites' convs"
     )
     args = parser.parse_args()
@@ -120,7 +138,7 @@ def main() -> None:
         f"EfficientNet{args.variant}, {args.mode} mode"
         f"{''.join(f', --exclude {e}' for e in args.exclude)}{', XLA' if args.jit else ''}, "
         f"batch {args.batch}, {args.optimizer}, "
-        f"{args.steps} train_on_batch steps each, medians"
+        f"{args.steps} train_on_batch steps each, one of each model in turn, medians"
     )
     extra = f" {'free ms':>8} {'ceiling':>8}" if args.ceiling else ""
     print(
@@ -136,6 +154,8 @@ def main() -> None:
         if args.ceiling:
             free = t["free"]
             line += f" {free * 1000:8.1f} {(free + (before - free) * t['macs']) / before:8.2f}"
+        if args.grouped_conv:
+            line += f" (one-channel groups as grouped convs: {t['grouped conv'] / before:.2f})"
         print(line, flush=True)
     if args.ceiling:
         print(f"site MACs after / before: {t['macs']:.3f}")

@@ -17,19 +17,19 @@ def _block_after(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_subclassed_model_example_runs_as_written(tmp_path):
-    code = _block_after("### Subclassed Keras models")
+def _run(code: str, cwd) -> subprocess.CompletedProcess:
+    """`python -c code` in `cwd` with this checkout importable; fails the test on an error."""
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "3 sites rewritten" in done.stdout
+    return done
+
+
+def test_subclassed_model_example_runs_as_written(tmp_path):
+    code = _block_after("### Subclassed Keras models")
+    assert "3 sites rewritten" in _run(code, tmp_path).stdout
     assert (tmp_path / "net.pwgroup.keras").exists()
     # a fresh process loads it after registering the class, as the README says
     load = code[: code.index("net = Net()")] + (
@@ -37,13 +37,4 @@ def test_subclassed_model_example_runs_as_written(tmp_path):
         "again = keras.models.load_model('net.pwgroup.keras')\n"
         "print(type(again).__name__, again.count_params())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", load],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[0] == "Net"
+    assert _run(load, tmp_path).stdout.split()[0] == "Net"
