@@ -49,6 +49,21 @@ def test_grouped_conv_strides_and_ranks(rank, strides):
     assert y.shape == layer.compute_output_shape(x.shape)
 
 
+@pytest.mark.parametrize("cin,filters", [(24, 6), (6, 24), (6, 6)])
+def test_one_channel_groups_with_strides_and_channels_first(cin, filters):
+    """Groups of one input or one output channel compute as elementwise products: strides and
+    the channels-first layout still apply."""
+    groups = min(cin, filters)
+    x = np.random.default_rng(3).normal(size=(2, cin, 6, 5)).astype("float32")
+    layer = GroupedPointwiseConv(
+        filters, groups, strides=2, data_format="channels_first", use_bias=False
+    )
+    y = keras.ops.convert_to_numpy(layer(x))
+    last = np.moveaxis(x, 1, -1)[:, ::2, ::2]
+    want = grouped_pointwise(last, layer.get_weights()[0][0, 0], groups)
+    np.testing.assert_allclose(y, np.moveaxis(want, -1, 1), atol=1e-5)
+
+
 def test_interleave_matches_numpy_on_dynamic_spatial_dims():
     inp = keras.Input((None, None, 12))
     model = keras.Model(inp, ChannelInterleave(3)(inp))
