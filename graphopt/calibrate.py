@@ -417,11 +417,14 @@ class Calibration:
             weights[name] = candidates[chosen]
             site_error = held_out_error(info, info.plan, weights[name], xo_hold, target)
             plans[name] = dataclasses.replace(
-                info.plan, site_error=round(site_error, 6), calibrated_on=chosen
+                info.plan,
+                site_error=round(site_error, 6),
+                calibrated_on=chosen,
+                context_error=round(scored[chosen], 6),
             )
             self.say(
-                f"calibrating site {i}/{len(names)} {name}: error {site_error:.3f} "
-                f"(fitted on the {chosen} inputs)"
+                f"calibrating site {i}/{len(names)} {name}: error {site_error:.3f}, "
+                f"{scored[chosen]:.3f} in context (fitted on the {chosen} inputs)"
             )
             self.backend.update(built, name, weights[name])
         report = built.report

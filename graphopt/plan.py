@@ -70,6 +70,12 @@ class SitePlan:
     calibrated_on: str | None = None
     """--calibrate: whose activations the site was fitted on, "original" or "rewritten" (the
     rewritten prefix), whichever gave the smaller held-out error."""
+    context_error: float | None = None
+    """--calibrate: relative L2 error of the site's output inside the rewritten model (its
+    inputs from the rewritten prefix, the earlier sites calibrated) against the original's
+    output, on held-out samples: what the site passes on, drift from upstream included. Where
+    `site_error` judges the site alone, this one can be larger (drift) or smaller (a site
+    fitted on the rewritten inputs corrects some of it)."""
     kind: str = "conv"
     """One of KINDS: the layer or node the site replaces (the rules are the same for all)."""
 

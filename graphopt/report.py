@@ -242,6 +242,14 @@ def quality_lines(report: Report) -> list[str]:
             f"  site errors {errors[0][0]:.3f} to {errors[-1][0]:.3f}, median "
             f"{errors[len(errors) // 2][0]:.3f} (worst: {errors[-1][1]})"
         )
+    in_context = [s for s in report.sites if s.context_error is not None]
+    if in_context:
+        worst = max(in_context, key=lambda s: s.context_error)
+        lines.append(
+            f"  in context {min(s.context_error for s in in_context):.3f} to "
+            f"{worst.context_error:.3f}, last site {in_context[-1].context_error:.3f} (inside "
+            f"the rewritten model, drift from upstream included; worst: {worst.name})"
+        )
     if len(quality.curve) > 1:
         first, last = quality.curve[0], quality.curve[-1]
         lines.append(

@@ -101,7 +101,12 @@ def test_onnx_calibration_reduces_site_errors_and_verifies():
     assert report.quality.output_error < measured.quality.output_error
     assert [s.name for s in report.sites] == [s.name for s in measured.sites]
     assert all(s.site_error is not None for s in report.sites)
+    # the first site's inputs are the original's, so alone and in context are the same figure
+    first = report.sites[0]
+    assert first.context_error == pytest.approx(first.site_error, abs=1e-6)
+    assert all(s.context_error is not None for s in report.sites)
     assert "relative error" in report.to_markdown().split("<details>")[0]
+    assert "in context" in report.to_text() and "in context" in report.to_markdown()
     from graphopt.report_html import render_html
 
     page = render_html([report])
