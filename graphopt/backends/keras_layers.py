@@ -118,8 +118,8 @@ class GroupedPointwiseConv(keras.layers.Layer):
     def _one_per_group(self, x):
         """Groups of one input or one output channel (a squeeze-excitation site's K and L) as
         elementwise products: a product and a sum over each group (one output), or a product
-        with each input channel repeated (one input). No convolution kernel then does less
-        than a multiply-add per call, which is all it costs in training."""
+        with each input channel repeated (one input). A grouped convolution spends far more per
+        call (and in its gradients) than these few multiply-adds (see BATCHED_FROM_GROUPS)."""
         cin_g, f_g = self.cin // self.groups, self.filters // self.groups
         kernel = ops.reshape(self.kernel, (cin_g, self.filters))
         if f_g == 1:
