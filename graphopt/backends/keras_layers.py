@@ -126,9 +126,7 @@ class GroupedPointwiseConv(keras.layers.Layer):
             lead = ops.shape(x)[:-1]
             grouped = ops.reshape(x, tuple(lead) + (self.groups, cin_g))
             return ops.sum(grouped * ops.transpose(kernel), axis=-1)
-        if f_g > 1:
-            x = ops.repeat(x, f_g, axis=-1)
-        return x * kernel[0]
+        return ops.repeat(x, f_g, axis=-1) * kernel[0]  # one input channel per group
 
     def _as_grouped_conv(self, x):
         """TensorFlow's grouped convolution (and for export, a grouped Conv in tf2onnx)."""
