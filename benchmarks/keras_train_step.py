@@ -78,10 +78,15 @@ def without_sites(model, names: set):
 
 
 def measure(factory, size: int, args) -> dict:
-    """Median step (s) of the original, the rewrite (and with --ceiling the original without
-    its sites' convs), rounds interleaved; and the sites' MACs after / before."""
+    """Median step (s) of the original, the rewrite (with --ceiling the original without its
+    sites' convs, with --grouped-conv the rewrite as it computed before), one step of each in
+    turn; the paired ratio; and the sites' MACs after / before."""
     original = factory(weights=None, classes=10, input_shape=(size, size, 3))
-    rewritten, report = graphopt.rewrite(original, mode=args.mode, exclude=tuple(args.exclude))
+
+    def rewrite():
+        return graphopt.rewrite(original, mode=args.mode, exclude=tuple(args.exclude))
+
+    rewritten, report = rewrite()
     models = {"original": original, "rewritten": rewritten}
     if args.ceiling:
         models["free"] = without_sites(original, {s.name for s in report.sites})
@@ -91,7 +96,7 @@ def measure(factory, size: int, args) -> dict:
     for model in models.values():
         prepare(model, x, y, args.jit, args.optimizer)
     if args.grouped_conv:  # the same rewrite, its one-channel groups traced as grouped convs
-        models["grouped conv"], _ = graphopt.rewrite(original, mode=args.mode)
+        models["grouped conv"], _ = rewrite()
         elementwise = keras_layers.GroupedPointwiseConv._one_per_group
         keras_layers.GroupedPointwiseConv._one_per_group = lambda self, x: self._as_grouped_conv(x)
         try:
