@@ -97,10 +97,7 @@ def read_metadata(folder: str) -> dict | None:
 def damaged(folder: str, why: str) -> InputError:
     """The one-line error for a checkpoint that cannot be resumed."""
     first = (why.strip().splitlines() or [""])[0]
-    return InputError(
-        f"{folder}: its checkpoint cannot be read ({first}); delete {folder} or choose another "
-        "checkpoint folder (--checkpoint-dir) to start afresh"
-    )
+    return InputError(f"{folder}: its checkpoint cannot be read ({first}); {_afresh(folder)}")
 
 
 def check(folder: str, options: dict) -> int | None:
@@ -115,8 +112,7 @@ def check(folder: str, options: dict) -> int | None:
     if recorded is None:
         raise UsageError(
             f"{folder}: holds a checkpoint (epoch {done}) that does not record the options it "
-            f"was made with; delete {folder} or choose another checkpoint folder "
-            "(--checkpoint-dir) to start afresh"
+            f"was made with; {_afresh(folder)}"
         )
     differ = [
         _difference(key, recorded.get(key), value)
@@ -126,8 +122,8 @@ def check(folder: str, options: dict) -> int | None:
     if differ:
         raise UsageError(
             f"{folder}: holds a checkpoint (epoch {done}) of a run with other options "
-            f"({'; '.join(differ)}): run with the same options to resume it, or delete {folder} "
-            "or choose another checkpoint folder (--checkpoint-dir) to start afresh"
+            f"({'; '.join(differ)}): run with the same options to resume it, or "
+            f"{_afresh(folder)}"
         )
     return done
 
@@ -160,10 +156,14 @@ def _read(folder: str) -> dict | None:
         return None
     except (OSError, ValueError) as exc:
         raise InputError(
-            f"{folder}: its {OPTIONS_FILE} cannot be read ({exc}); delete {folder} or choose "
-            "another checkpoint folder (--checkpoint-dir) to start afresh"
+            f"{folder}: its {OPTIONS_FILE} cannot be read ({exc}); {_afresh(folder)}"
         ) from None
     return data if isinstance(data, dict) else None
+
+
+def _afresh(folder: str) -> str:
+    """How every refusal ends: the two ways to start again from nothing."""
+    return f"delete {folder} or choose another checkpoint folder (--checkpoint-dir) to start afresh"
 
 
 def _difference(key: str, old, new) -> str:
