@@ -37,6 +37,32 @@ def test_every_strategy_agrees_with_keras_grouped_conv():
         np.testing.assert_allclose(keras.ops.convert_to_numpy(strategy(x)), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "cin,filters,groups,spatial,how",
+    [
+        (32, 16, 2, (32, 32), "block diagonal"),  # few channels: a dense matmul is memory-bound
+        (40, 240, 2, (28, 28), "block diagonal"),
+        (80, 80, 10, (14, 14), "grouped conv"),
+        (192, 192, 64, (2, 2), "block diagonal"),  # a small map: 147k multiply-adds per sample
+        (192, 192, 64, (14, 14), "grouped conv"),
+        (1152, 192, 64, (None, None), "grouped conv"),
+        (24, 24, 6, (None, None), "block diagonal"),
+    ],
+)
+def test_small_grouped_convs_compute_as_one_dense_matmul(cin, filters, groups, spatial, how):
+    """Which form a grouped conv takes (DENSE_MAX_INTENSITY): both agree with NumPy, also on
+    maps whose size is known only when called."""
+    layer = GroupedPointwiseConv(filters, groups, use_bias=False)
+    inputs = keras.Input(spatial + (cin,))
+    layer(inputs)
+    assert layer._how(inputs) == how
+    shape = (1,) + tuple(n or 3 for n in spatial) + (cin,)
+    x = np.random.default_rng(4).normal(size=shape).astype("float32")
+    assert layer._how(x) == how
+    want = grouped_pointwise(x, layer.get_weights()[0][0, 0], groups)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), want, atol=1e-4)
+
+
 @pytest.mark.parametrize("rank,strides", [(1, 1), (1, 2), (2, 2), (3, 1)])
 def test_grouped_conv_strides_and_ranks(rank, strides):
     x = np.random.default_rng(2).normal(size=(2,) + (6,) * rank + (32,)).astype("float32")

@@ -6,11 +6,14 @@ Both are registered for Keras serialisation (package "graphopt"), so a saved mod
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import activations, constraints, initializers, ops, regularizers
 
-# How a grouped pointwise conv computes. With TensorFlow, 1-D and 2-D ones are TensorFlow's own
-# grouped convolution (oneDNN on CPU). Measured on EfficientNetB0's 19 site shapes at 224x224,
+# How a grouped pointwise conv computes (GroupedPointwiseConv._how). With TensorFlow, 1-D and 2-D
+# ones too large for a dense matmul (DENSE_MAX_INTENSITY) are TensorFlow's own grouped
+# convolution (oneDNN on CPU). Measured on EfficientNetB0's 19 site shapes at 224x224,
 # batch 32, forward+backward of K and L, 2-core CPU: 211 ms in all, against 298 ms as batched
 # matmuls over the groups and 555 ms as dense matmuls with a block-diagonal kernel (which does
 # all of the dense conv's arithmetic: what the layer did for fewer than 16 groups, 312 ms); at
@@ -20,6 +23,19 @@ from keras import activations, constraints, initializers, ops, regularizers
 # groups, then 48 -> 48) are elementwise products on every backend: forward+backward at batch
 # 32, net of the call, 0.45 -> 0.16 ms for that K and 0.19 -> 0.02 ms for that L.
 BATCHED_FROM_GROUPS = 16
+# Small grouped convs run faster as one dense matmul with the block-diagonal kernel, on every
+# backend: the extra arithmetic costs less than a grouped convolution's fixed cost (about 0.5 ms
+# forward+backward on CPU, whatever the size) and its poor use of few channels per group. Dense
+# when the dense form is memory-bound (at most DENSE_MAX_INTENSITY multiply-adds per channel
+# read or written at each position: Cin*F/(Cin+F)), or when it costs at most DENSE_MAX_MACS
+# multiply-adds per sample (spatial dims known). Measured on each of EfficientNetB0's site
+# convs, forward+backward at batch 32 on 2 CPU cores (benchmarks/keras_grouped_conv.py): the
+# convs it computes densely took 21.0 against 32.6 ms in all at 32x32, 43.3 against 51.9 at
+# 64x64 (with the grouped ones) and 192.9 against 210.8 at 224x224, each one faster: e.g. 32 ->
+# 16 in 2 groups on 112x112 20.4 against 24.5 ms, 192 -> 192 in 64 groups on 2x2 0.29 against
+# 0.62. Left grouped: 80 -> 80 in 10 groups on 14x14 (intensity 40), 1.21 dense against 1.03.
+DENSE_MAX_INTENSITY = 36
+DENSE_MAX_MACS = 163840
 
 # Set by graphopt.export while tracing for tf2onnx: compute with the framework's grouped
 # convolution so that the ONNX graph holds a grouped Conv with the grouped kernel.
@@ -103,9 +119,13 @@ class GroupedPointwiseConv(keras.layers.Layer):
         return ops.transpose(k, (1, 0, 2))
 
     def _block_diagonal(self, x):
-        k = self._grouped_kernel()
-        eye = ops.eye(self.groups, dtype=k.dtype)
-        dense = ops.reshape(k[:, :, None, :] * eye[:, None, :, None], (self.cin, self.filters))
+        """One matmul with the dense kernel: the grouped one stacked `groups` times, masked to
+        its diagonal blocks (no transpose: 13% faster forward+backward than building it from
+        the per-group kernels, on B0's small site convs)."""
+        cin_g, f_g = self.cin // self.groups, self.filters // self.groups
+        kernel = ops.reshape(self.kernel, (cin_g, self.filters))
+        same_group = ops.arange(self.cin)[:, None] // cin_g == ops.arange(self.filters) // f_g
+        dense = ops.tile(kernel, (self.groups, 1)) * ops.cast(same_group, kernel.dtype)
         return ops.matmul(x, dense)
 
     def _batched(self, x):
@@ -143,24 +163,36 @@ class GroupedPointwiseConv(keras.layers.Layer):
         y = tf.nn.convolution(flat, kernel, padding="VALID")
         return tf.reshape(y, tf.stack([shape[0], shape[1], shape[2], shape[3], self.filters]))
 
+    def _how(self, x) -> str:
+        """How this call computes (channels-last `x`): see BATCHED_FROM_GROUPS and
+        DENSE_MAX_INTENSITY."""
+        if _EXPORT_AS_GROUPED_CONV:
+            return "grouped conv"
+        if self.groups in (self.cin, self.filters):
+            return "one per group"
+        weights = self.cin * self.filters
+        spatial = [
+            None if n is None else -(-int(n) // s) for n, s in zip(x.shape[1:-1], self.strides)
+        ]
+        if weights <= DENSE_MAX_INTENSITY * (self.cin + self.filters) or (
+            None not in spatial and math.prod(spatial) * weights <= DENSE_MAX_MACS
+        ):
+            return "block diagonal"
+        if self.rank in (1, 2) and keras.backend.backend() == "tensorflow":
+            return "grouped conv"
+        return "batched" if self.groups >= BATCHED_FROM_GROUPS else "block diagonal"
+
     def call(self, inputs):
         x = inputs
         if self.data_format == "channels_first":
             x = ops.moveaxis(x, 1, -1)
-        one_per_group = self.groups in (self.cin, self.filters)
-        if _EXPORT_AS_GROUPED_CONV or (
-            self.rank in (1, 2) and keras.backend.backend() == "tensorflow" and not one_per_group
-        ):
+        path = self._how(x)
+        if path == "grouped conv":
             y = self._as_grouped_conv(x)
         else:
             if any(s > 1 for s in self.strides):
                 x = x[(slice(None),) + tuple(slice(None, None, s) for s in self.strides)]
-            if one_per_group:
-                y = self._one_per_group(x)
-            elif self.groups >= BATCHED_FROM_GROUPS:
-                y = self._batched(x)
-            else:
-                y = self._block_diagonal(x)
+            y = getattr(self, f"_{path.replace(' ', '_')}")(x)
         if self.use_bias:
             y = y + self.bias
         y = self.activation(y)
