@@ -29,11 +29,12 @@ BATCHED_FROM_GROUPS = 16
 # when the dense form is memory-bound (at most DENSE_MAX_INTENSITY multiply-adds per channel
 # read or written at each position: Cin*F/(Cin+F)), or when it costs at most DENSE_MAX_MACS
 # multiply-adds per sample (spatial dims known). Measured on each of EfficientNetB0's site
-# convs, forward+backward at batch 32 on 2 CPU cores (benchmarks/keras_grouped_conv.py): the
-# convs it computes densely took 21.0 against 32.6 ms in all at 32x32, 43.3 against 51.9 at
-# 64x64 (with the grouped ones) and 192.9 against 210.8 at 224x224, each one faster: e.g. 32 ->
-# 16 in 2 groups on 112x112 20.4 against 24.5 ms, 192 -> 192 in 64 groups on 2x2 0.29 against
-# 0.62. Left grouped: 80 -> 80 in 10 groups on 14x14 (intensity 40), 1.21 dense against 1.03.
+# convs, forward+backward at batch 32 on 2 CPU cores (benchmarks/keras_grouped_conv.py): all
+# of them (one-channel groups aside) took 21.0 ms as the layer computes them against 32.6 as
+# grouped convolutions at 32x32, 43.3 against 51.9 at 64x64 and 192.9 against 210.8 at
+# 224x224, and each one it computes densely was faster: e.g. 32 -> 16 in 2 groups on 112x112
+# 20.4 against 24.5 ms, 192 -> 192 in 64 groups on 2x2 0.29 against 0.62. Left grouped: 80 ->
+# 80 in 10 groups on 14x14 (intensity 40), 1.21 ms dense against 1.03.
 DENSE_MAX_INTENSITY = 36
 DENSE_MAX_MACS = 163840
 
