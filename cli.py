@@ -159,7 +159,11 @@ def _finetune_parser(sub) -> None:
         "finetune",
         help="distil the original model into its rewrite (labels optional), on one device or many",
     )
-    p.add_argument("model", nargs=2, metavar=("ORIGINAL", "REWRITTEN"), help=".keras or .h5 files")
+    # two positionals, not nargs=2 with a tuple metavar: argparse's help crashes on that
+    p.add_argument("original", metavar="ORIGINAL", help="the trained model (.keras or .h5)")
+    p.add_argument(
+        "rewritten", metavar="REWRITTEN", help="its rewrite (.keras or .h5, e.g. pwgroup rewrite's)"
+    )
     p.add_argument("--data", required=True, help=".npy/.npz file, a folder of them or of images")
     p.add_argument("-o", "--output", required=True, help="the .keras file to write")
     p.add_argument("--epochs", type=_positive, default=5)
@@ -652,6 +656,8 @@ def _main(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "finetune":
+        args.model = [args.original, args.rewritten]
     try:
         return _main(args)
     except KeyboardInterrupt:

@@ -152,6 +152,15 @@ def test_bad_names_give_one_line_and_exit_2(tmp_path, args, needle):
     assert needle in err
 
 
+@pytest.mark.parametrize("command", ["", "rewrite", "report", "export", "finetune"])
+def test_help_of_every_command(command):
+    proc = run_pwgroup(*filter(None, [command, "--help"]))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("usage: pwgroup")
+    if command == "finetune":
+        assert "ORIGINAL REWRITTEN" in proc.stdout
+
+
 def test_usage_errors_exit_2():
     proc = run_pwgroup("rewrite", "x.keras", "--mode", "fast")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
