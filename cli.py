@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import logging
 import os
 import sys
 import tempfile
@@ -600,6 +601,8 @@ def _main(args) -> int:
         return _fail(problem)
     with _silenced_stderr():
         import graphopt
+    if not args.debug:  # TensorFlow's advice on retracing (calibration runs many sub-models)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     _check_runtime(graphopt, args, sources)
     if args.command == "finetune":
         return _finetune(graphopt, args, sources)

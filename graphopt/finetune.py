@@ -102,7 +102,8 @@ class FinetuneResult:
             f"fine-tuned {self.student} from {self.teacher}",
             f"  {self.train_samples:,} training samples"
             f" ({'with' if self.labels else 'without'} labels),"
-            f" {self.held_out_samples:,} held out; {self.epochs} epochs, batch {self.batch_size},"
+            f" {self.held_out_samples:,} held out; {self.epochs} epoch{'s' * (self.epochs != 1)},"
+            f" batch {self.batch_size},"
             f" lr {self.lr:g} (cosine), T {self.temperature:g}"
             + (f", alpha {self.alpha:g}" if self.labels else "")
             + f"; train {self.train_only}; {self.strategy}"

@@ -221,6 +221,9 @@ def fit_summary(report: Report) -> str:
     )
 
 
+FEW_HELD_OUT = 30  # fewer held-out samples than this, and the report says its figures say little
+
+
 def quality_lines(report: Report) -> list[str]:
     """The lines on agreement with the original ([] without calibration data)."""
     quality = report.quality
@@ -231,6 +234,11 @@ def quality_lines(report: Report) -> list[str]:
         f"quality ({what} {quality.fit_samples} samples, figures on {quality.held_out_samples} "
         "held-out samples):"
     ]
+    if quality.held_out_samples < FEW_HELD_OUT:
+        lines.append(
+            f"  only {quality.held_out_samples} held-out samples: these figures say little "
+            f"({FEW_HELD_OUT} or more needed)"
+        )
     for o in quality.outputs:
         top1 = "" if o.agreement is None else f"top-1 agreement {100 * o.agreement:.2f}%, "
         lines.append(

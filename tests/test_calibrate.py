@@ -12,6 +12,7 @@ import pytest
 import graphopt
 from fixtures import fashion_mnist
 from graphopt.errors import InputError, UsageError
+from graphopt.report import quality_lines
 from tests.conftest import REPO, run_pwgroup
 
 MODEL = os.path.join(REPO, "fixtures", "fmnist_mobilenet.keras")
@@ -51,6 +52,7 @@ def test_calibrated_linear_rewrite_agrees_more_than_scratch_and_fit(trained, ima
     calibrated, report = graphopt.rewrite(trained, mode="linear", calibration=x)
     assert scratch_report.quality.calibrated is False
     assert report.quality.calibrated and report.quality.held_out_samples == 80
+    assert not any("say little" in line for line in quality_lines(report))  # 80 are enough
     assert all(s.site_error is not None and s.calibrated_on for s in report.sites)
     # same parameters as the plain rewrite: calibration changes values, not structure
     plain, plain_report = graphopt.rewrite(trained, mode="linear")
@@ -160,6 +162,8 @@ def test_cli_calibrates_and_writes_the_quality_section(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "calibrating site 1/11" in result.stderr
     assert "top-1 agreement" in result.stdout
+    assert "only 16 held-out samples: these figures say little" in result.stdout
+    assert "WARNING" not in result.stderr  # TensorFlow's retracing advice is not for users
     data = json.loads(report.read_text())
     jsonschema.validate(data, json.load(open(SCHEMA_PATH)))
     assert data["quality"]["held_out_samples"] == 16 and data["quality"]["calibrated"]
