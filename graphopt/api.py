@@ -135,7 +135,7 @@ def rewrite(
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
         check_accounting(report)
         return new_model, report
-    from graphopt.calibrate import Calibration, Quality, Targets, measure, quiet
+    from graphopt.calibrate import Calibration, Quality, Targets, check_runs, measure, quiet
     from graphopt.data import load_samples
 
     if _is_keras(model):
@@ -154,6 +154,7 @@ def rewrite(
     samples = load_samples(calibration, input_specs(model), preprocess=preprocess)
     fit, held = samples.split(held_out, seed)
     adapter = Adapter(model, mode, min_channels_per_group, seed, name, dense_sequences)
+    check_runs(adapter, samples)
     if not calibrating:
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
         check_accounting(report)

@@ -18,7 +18,7 @@ import numpy as np
 
 from graphopt import quality as q
 from graphopt.data import Samples
-from graphopt.errors import UsageError
+from graphopt.errors import GraphoptError, InputError, UsageError
 from graphopt.fit import Fitted
 from graphopt.plan import Selection, SitePlan, allowed_groups
 from graphopt.reconstruct import Step, apply_steps, fit_linear, fit_paper, relative_error
@@ -478,6 +478,21 @@ class Calibration:
             )
             self.say(f"ranking {i}/{len(names)} {name}: damage alone {damage[name]:.4f}")
         return sorted(damage.items(), key=lambda kv: -kv[1])
+
+
+def check_runs(backend: Backend, samples: Samples) -> None:
+    """Run the original on the first samples before anything else: a model that cannot run on
+    the user's data (e.g. images kept at their own size where an open input needs multiples of
+    32) is a problem of the data, said in one line naming it."""
+    try:
+        backend.run(backend.original, samples.take(slice(0, 2)))
+    except GraphoptError:
+        raise
+    except Exception as exc:  # the runtime's own error, whatever its class
+        reason = " ".join(str(exc).split())
+        raise InputError(
+            f"{samples.source}: the original model does not run on these samples: {reason[-300:]}"
+        ) from None
 
 
 def measure(backend: Backend, model, held_out: Samples) -> list[q.OutputQuality]:

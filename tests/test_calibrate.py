@@ -228,3 +228,36 @@ def test_onnx_prefix_runs_only_what_an_output_needs_and_computes_the_same(output
         full = ort.InferenceSession(model.SerializeToString()).run([output], feed)[0]
         got = ort.InferenceSession(part.SerializeToString()).run([output], feed)[0]
         np.testing.assert_allclose(got, full, rtol=1e-6)
+
+
+def test_data_the_original_cannot_run_on_is_refused_in_one_line(tmp_path):
+    """An open input takes samples of any size, but the model may not run on them (here a
+    Reshape that needs 6x6 maps; PP-OCR's detector needs multiples of 32): one line naming
+    the data, exit 2, nothing written."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(16, 32, 1, 1)).astype("float32"), "W")
+    shape = numpy_helper.from_array(np.array([-1, 16 * 6 * 6], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[1, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 576])
+    graph = helper.make_graph(nodes, "needs_6x6", [x], [y], [weights, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "ok.npy", rng.normal(size=(8, 32, 6, 6)).astype("float32"))
+    np.save(tmp_path / "bad.npy", rng.normal(size=(8, 32, 5, 5)).astype("float32"))
+    out = tmp_path / "out.onnx"
+    args = ("rewrite", str(tmp_path / "m.onnx"), "--mode", "linear", "-o", str(out))
+    result = run_pwgroup(*args, "--calibrate", str(tmp_path / "bad.npy"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and "bad.npy: the original model does not run on these samples" in lines[0]
+    )
+    assert not out.exists()
+    assert run_pwgroup(*args, "--calibrate", str(tmp_path / "ok.npy")).returncode == 0

@@ -83,7 +83,7 @@ class OnnxCalibration(RewriteOptions):
             model = prefix(model, outputs)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures come back as exceptions, said in one line
         providers = [self.provider, "CPUExecutionProvider"]
         available = ort.get_available_providers()
         return ort.InferenceSession(
