@@ -125,7 +125,14 @@ def check(samples: Samples, specs: list[InputSpec]) -> Samples:
 
 def _checked(array: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     what = f"{src}: input '{spec.name}'"
-    if array.size == 0 or array.ndim == 0:
+    if not spec.shape:
+        raise InputError(
+            f"{what} is a scalar in the model, so it has no axis of samples: such a model "
+            "cannot be fed sample by sample"
+        )
+    if array.ndim == 0:
+        raise InputError(f"{what} is a single value; give samples on the first axis")
+    if array.size == 0:
         raise InputError(f"{what} is empty")
     if array.ndim != len(spec.shape):
         raise InputError(

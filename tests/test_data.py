@@ -59,6 +59,9 @@ def test_image_folder_resized_scaled_and_labelled_by_class_folder(tmp_path):
     assert load_samples(str(tmp_path), nchw).inputs["x"].shape == (2, 3, 5, 7)
 
 
+SCALAR = [InputSpec("x", (None, 3)), InputSpec("sr", (), "int64")]
+
+
 @pytest.mark.parametrize(
     "data, specs, message",
     [
@@ -71,6 +74,9 @@ def test_image_folder_resized_scaled_and_labelled_by_class_folder(tmp_path):
         ({"a": np.zeros((2, 4)), "b": np.zeros((3, 2, 2), np.int64)}, TWO, "different numbers"),
         (np.zeros((2, 4)), TWO, "one array given, the model has 2 inputs"),
         ([], IMAGE, "is empty"),
+        ({"t": np.float32(3)}, [InputSpec("t", (None, 3))], "'t' is a single value"),
+        # silero-vad's sample rate: a scalar input has no axis of samples
+        ({"x": np.zeros((2, 3)), "sr": np.array(16000)}, SCALAR, "'sr' is a scalar in the model"),
     ],
 )
 def test_bad_data_is_refused_with_a_sentence(data, specs, message):
