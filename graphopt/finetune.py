@@ -23,6 +23,7 @@ import numpy as np
 from graphopt import checkpoint
 from graphopt.data import DEFAULT_PREPROCESS, Samples, load_samples
 from graphopt.errors import InputError, UsageError
+from graphopt.quality import few_held_out
 
 TRAIN_ONLY = ("all", "sites")
 BN_SAMPLES = 2048
@@ -111,6 +112,7 @@ class FinetuneResult:
         ]
         if self.resumed_at:
             lines.append(f"  resumed at epoch {self.resumed_at}")
+        lines += few_held_out(self.held_out_samples)
         if self.teacher_eval.accuracy is not None:
             lines.append(f"  original: accuracy {100 * self.teacher_eval.accuracy:.2f}%")
         lines.append(f"  before:   {self.before.text()}")

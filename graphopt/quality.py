@@ -11,6 +11,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+FEW_HELD_OUT = 30  # with fewer held-out samples, a report says its figures say little
+
+
+def few_held_out(samples: int) -> list[str]:
+    """The report line that says the held-out figures rest on too few samples, if they do."""
+    if samples >= FEW_HELD_OUT:
+        return []
+    noun = "sample" if samples == 1 else "samples"
+    return [f"  only {samples} held-out {noun}: these figures say little ({FEW_HELD_OUT}+ needed)"]
+
 
 @dataclass(frozen=True)
 class OutputQuality:

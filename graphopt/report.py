@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from graphopt.plan import SitePlan, Skipped
+from graphopt.quality import few_held_out
 
 SCHEMA_VERSION = 2
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema", "report.schema.json")
@@ -221,9 +222,6 @@ def fit_summary(report: Report) -> str:
     )
 
 
-FEW_HELD_OUT = 30  # fewer held-out samples than this, and the report says its figures say little
-
-
 def quality_lines(report: Report) -> list[str]:
     """The lines on agreement with the original ([] without calibration data)."""
     quality = report.quality
@@ -234,11 +232,7 @@ def quality_lines(report: Report) -> list[str]:
         f"quality ({what} {quality.fit_samples} samples, figures on {quality.held_out_samples} "
         "held-out samples):"
     ]
-    if quality.held_out_samples < FEW_HELD_OUT:
-        lines.append(
-            f"  only {quality.held_out_samples} held-out samples: these figures say little "
-            f"({FEW_HELD_OUT} or more needed)"
-        )
+    lines += few_held_out(quality.held_out_samples)
     for o in quality.outputs:
         top1 = "" if o.agreement is None else f"top-1 agreement {100 * o.agreement:.2f}%, "
         lines.append(

@@ -75,6 +75,14 @@ def _finetune_args(fmnist, out, *extra):
 # ---- pieces ----------------------------------------------------------------------------------
 
 
+def test_reports_say_when_too_few_samples_were_held_out():
+    from graphopt.quality import few_held_out
+
+    assert few_held_out(1) == ["  only 1 held-out sample: these figures say little (30+ needed)"]
+    assert "only 29 held-out samples" in few_held_out(29)[0]
+    assert few_held_out(30) == []
+
+
 def test_evaluate_agreement_accuracy_and_relative_error():
     from graphopt.finetune import evaluate
 
@@ -248,6 +256,7 @@ def test_cli_finetune_interrupted_resumes_and_matches_an_uninterrupted_run(
     proc, report, whole = uninterrupted
     assert proc.stderr == ""
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout  # one line per epoch
+    assert "say little" not in proc.stdout  # 256 held-out images
     assert report["after"]["agreement"] > report["before"]["agreement"] + 0.2
     assert report["teacher_cached"] and not report["labels"]
     assert [e["epoch"] for e in report["history"]] == [1, 2]
