@@ -193,7 +193,12 @@ class GroupedPointwiseConv(keras.layers.Layer):
         else:
             if any(s > 1 for s in self.strides):
                 x = x[(slice(None),) + tuple(slice(None, None, s) for s in self.strides)]
-            y = getattr(self, f"_{path.replace(' ', '_')}")(x)
+            forms = {
+                "one per group": self._one_per_group,
+                "block diagonal": self._block_diagonal,
+                "batched": self._batched,
+            }
+            y = forms[path](x)
         if self.use_bias:
             y = y + self.bias
         y = self.activation(y)
