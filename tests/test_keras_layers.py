@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from graphopt.backends import keras_layers
 from graphopt.backends.keras_layers import ChannelInterleave, GroupedPointwiseConv
 from tests.numpy_reference import grouped_pointwise, interleave
 
@@ -38,20 +39,36 @@ def test_every_strategy_agrees_with_keras_grouped_conv():
 
 
 @pytest.mark.parametrize(
-    "cin,filters,groups,spatial,how",
+    "cin,filters,groups,spatial,with_grouped_conv,with_matmuls",
     [
-        (32, 16, 2, (32, 32), "block diagonal"),  # few channels: a dense matmul is memory-bound
-        (40, 240, 2, (28, 28), "block diagonal"),
-        (80, 80, 10, (14, 14), "grouped conv"),
-        (192, 192, 64, (2, 2), "block diagonal"),  # a small map: 147k multiply-adds per sample
-        (192, 192, 64, (14, 14), "grouped conv"),
-        (1152, 192, 64, (None, None), "grouped conv"),
-        (24, 24, 6, (None, None), "block diagonal"),
+        # few channels: a dense matmul is memory-bound
+        (32, 16, 2, (32, 32), "block diagonal", "block diagonal"),
+        (40, 240, 2, (28, 28), "block diagonal", "block diagonal"),
+        (80, 80, 10, (14, 14), "grouped conv", "block diagonal"),
+        # a small map: 147k multiply-adds per sample, less than a grouped conv's fixed cost
+        (192, 192, 64, (2, 2), "block diagonal", "batched"),
+        (192, 192, 64, (14, 14), "grouped conv", "batched"),
+        (1152, 192, 64, (None, None), "grouped conv", "batched"),
+        (320, 1280, 20, (2, 2), "grouped conv", "batched"),
+        (24, 24, 6, (None, None), "block diagonal", "block diagonal"),
     ],
 )
-def test_small_grouped_convs_compute_as_one_dense_matmul(cin, filters, groups, spatial, how):
-    """Which form a grouped conv takes (DENSE_MAX_INTENSITY): both agree with NumPy, also on
-    maps whose size is known only when called."""
+@pytest.mark.parametrize("grouped_conv_trains", [True, False])
+def test_which_form_a_grouped_conv_takes(
+    cin,
+    filters,
+    groups,
+    spatial,
+    with_grouped_conv,
+    with_matmuls,
+    grouped_conv_trains,
+    monkeypatch,
+):
+    """Which form a grouped conv takes where TensorFlow can train its grouped convolution
+    (DENSE_MAX_INTENSITY, DENSE_MAX_MACS) and where it cannot (MATMUL_DENSE_MAX_INTENSITY):
+    every form agrees with NumPy, also on maps whose size is known only when called."""
+    monkeypatch.setattr(keras_layers, "tf_grouped_conv_trains", lambda: grouped_conv_trains)
+    how = with_grouped_conv if grouped_conv_trains else with_matmuls
     layer = GroupedPointwiseConv(filters, groups, use_bias=False)
     inputs = keras.Input(spatial + (cin,))
     layer(inputs)
@@ -61,6 +78,49 @@ def test_small_grouped_convs_compute_as_one_dense_matmul(cin, filters, groups, s
     assert layer._how(x) == how
     want = grouped_pointwise(x, layer.get_weights()[0][0, 0], groups)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin,filters,groups", [(320, 1280, 20), (1152, 192, 64), (80, 80, 10)])
+def test_large_grouped_convs_train_on_any_cpu(cin, filters, groups):
+    """The gradients of a grouped conv too large for a dense matmul, traced as `fit` traces
+    them, equal NumPy's. TensorFlow cannot differentiate its own grouped convolution with
+    oneDNN off ("Gradients for grouped convolutions are not supported on CPU": the AMD EPYC
+    machine), where a rewritten EfficientNetB0 could not take one training step."""
+    import tensorflow as tf
+
+    layer = GroupedPointwiseConv(filters, groups, use_bias=False)
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(2, 3, 4, cin)).astype("float32"))
+    r = rng.normal(size=(2, 3, 4, filters))
+    layer.build(x.shape)
+
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * tf.constant(r, tf.float32))
+        return tape.gradient(loss, [x, layer.kernel])
+
+    dx, dkernel = (g.numpy() for g in gradients())
+    kernel = layer.get_weights()[0][0, 0]  # (Cin/groups, F)
+    cin_g, f_g = cin // groups, filters // groups
+    want_dx = np.concatenate(
+        [
+            r[..., g * f_g : (g + 1) * f_g] @ kernel[:, g * f_g : (g + 1) * f_g].T
+            for g in range(groups)
+        ],
+        axis=-1,
+    )
+    rows, grads = x.numpy().reshape(-1, cin), r.reshape(-1, filters)
+    want_dkernel = np.concatenate(
+        [
+            rows[:, g * cin_g : (g + 1) * cin_g].T @ grads[:, g * f_g : (g + 1) * f_g]
+            for g in range(groups)
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dkernel[0, 0], want_dkernel, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("rank,strides", [(1, 1), (1, 2), (2, 2), (3, 1)])

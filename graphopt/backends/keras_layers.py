@@ -6,37 +6,80 @@ Both are registered for Keras serialisation (package "graphopt"), so a saved mod
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
 from keras import activations, constraints, initializers, ops, regularizers
 
-# How a grouped pointwise conv computes (GroupedPointwiseConv._how). With TensorFlow, 1-D and 2-D
-# ones too large for a dense matmul (DENSE_MAX_INTENSITY) are TensorFlow's own grouped
-# convolution (oneDNN on CPU). Measured on EfficientNetB0's 19 site shapes at 224x224,
-# batch 32, forward+backward of K and L, 2-core CPU: 211 ms in all, against 298 ms as batched
-# matmuls over the groups and 555 ms as dense matmuls with a block-diagonal kernel (which does
-# all of the dense conv's arithmetic: what the layer did for fewer than 16 groups, 312 ms); at
-# 64x64 37 against 43 and 119 ms, at 32x32 21 against 23 and 44 ms. Other backends and 3-D
-# convs keep the matmuls: block-diagonal for few groups, batched from BATCHED_FROM_GROUPS.
+# How a grouped pointwise conv computes (GroupedPointwiseConv._how) depends on whether
+# TensorFlow can train its own grouped convolution here (tf_grouped_conv_trains: oneDNN or
+# cuDNN). All timings: forward+backward of each of EfficientNetB0's site convs at batch 32 on
+# 2 CPU cores (benchmarks/keras_grouped_conv.py).
+#
 # Groups of one input or one output channel (B0's squeeze-excitation sites: 1152 -> 48 in 48
-# groups, then 48 -> 48) are elementwise products on every backend: forward+backward at batch
-# 32, net of the call, 0.45 -> 0.16 ms for that K and 0.19 -> 0.02 ms for that L.
-BATCHED_FROM_GROUPS = 16
-# Small grouped convs run faster as one dense matmul with the block-diagonal kernel, on every
-# backend: the extra arithmetic costs less than a grouped convolution's fixed cost (about 0.5 ms
-# forward+backward on CPU, whatever the size) and its poor use of few channels per group. Dense
-# when the dense form is memory-bound (at most DENSE_MAX_INTENSITY multiply-adds per channel
-# read or written at each position: Cin*F/(Cin+F)), or when it costs at most DENSE_MAX_MACS
-# multiply-adds per sample (spatial dims known). Measured on each of EfficientNetB0's site
-# convs, forward+backward at batch 32 on 2 CPU cores (benchmarks/keras_grouped_conv.py): all
-# of them (one-channel groups aside) took 21.0 ms as the layer computes them against 32.6 as
-# grouped convolutions at 32x32, 43.3 against 51.9 at 64x64 and 192.9 against 210.8 at
-# 224x224, and each one it computes densely was faster: e.g. 32 -> 16 in 2 groups on 112x112
-# 20.4 against 24.5 ms, 192 -> 192 in 64 groups on 2x2 0.29 against 0.62. Left grouped: 80 ->
-# 80 in 10 groups on 14x14 (intensity 40), 1.21 ms dense against 1.03.
+# groups, then 48 -> 48) are elementwise products everywhere: 0.45 -> 0.16 ms for that K and
+# 0.19 -> 0.02 ms for that L (AVX-512 machine, oneDNN).
+#
+# Where the grouped convolution trains (AVX-512 machine, oneDNN), 1-D and 2-D convs use it,
+# unless the dense form is small: at most DENSE_MAX_INTENSITY multiply-adds per channel read or
+# written at each position (Cin*F/(Cin+F): the dense form is memory-bound) or at most
+# DENSE_MAX_MACS multiply-adds per sample (spatial dims known). The grouped convolution has a
+# fixed cost of about 0.5 ms whatever the size and uses few channels per group poorly. All site
+# convs took 21.0 ms as the layer computes them against 32.6 as grouped convolutions at 32x32,
+# 43.3 against 51.9 at 64x64 and 192.9 against 210.8 at 224x224 (e.g. 32 -> 16 in 2 groups on
+# 112x112 20.4 against 24.5 ms); left grouped: 80 -> 80 in 10 groups on 14x14, 1.21 ms dense
+# against 1.03. As grouped convolutions they took 211 ms at 224x224 against 298 ms as batched
+# matmuls.
 DENSE_MAX_INTENSITY = 36
 DENSE_MAX_MACS = 163840
+# Elsewhere (TensorFlow's own CPU kernels, as on the AMD EPYC Zen 3 machine: AVX2, oneDNN off;
+# other Keras backends; 3-D convs) a conv is one dense matmul with the block-diagonal kernel up
+# to MATMUL_DENSE_MAX_INTENSITY, else matmuls batched over the groups, which pay two transposes
+# each way and run small per-group matmuls poorly. On the Zen 3 machine, summed over B0's site
+# convs: 48.3 / 90.8 / 617.4 ms at 32x32 / 64x64 / 224x224, against 46.6 / 89.3 / 612.8 for
+# the fastest form of each conv, 66.2 / 114.0 / 739.2 all dense and 53.3 / 118.8 / 991.9 all
+# batched (the earlier rule for other backends, dense up to intensity 36 or 163,840
+# multiply-adds or below 16 groups: 57.5 / 101.7 / 713.9). E.g. 32 -> 16 in 2 groups on
+# 112x112 60.6 ms dense against 129.3 batched; 1152 -> 192 in 64 groups on 7x7 16.7 against
+# 12.4.
+MATMUL_DENSE_MAX_INTENSITY = 64
+
+
+@functools.cache
+def tf_grouped_conv_trains() -> bool:
+    """Whether TensorFlow can differentiate its grouped convolution on the default device.
+
+    oneDNN's CPU kernels and cuDNN can. TensorFlow's own CPU kernels compute it forward but
+    raise "Gradients for grouped convolutions are not supported on CPU" in the backward pass,
+    so a model that used it there could not be trained at all. On Linux, TensorFlow turns
+    oneDNN on only for CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (not on AVX2 ones
+    such as AMD EPYC Zen 3, nor on most ARM CPUs) unless TF_ENABLE_ONEDNN_OPTS=1.
+    """
+    import tensorflow as tf
+
+    strides = [1, 1, 1, 1]
+    with tf.init_scope():  # eagerly, also when first asked while a model is traced
+        x, kernel, dy = tf.ones((1, 1, 1, 4)), tf.ones((1, 1, 2, 2)), tf.ones((1, 1, 1, 2))
+        try:  # the two gradients, as the ops the tape would record (init_scope pauses tapes)
+            tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=x.shape,
+                filter=kernel,
+                out_backprop=dy,
+                strides=strides,
+                padding="VALID",
+            )
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=x,
+                filter_sizes=kernel.shape,
+                out_backprop=dy,
+                strides=strides,
+                padding="VALID",
+            )
+        except tf.errors.OpError:  # InvalidArgumentError here; any failure means no
+            return False
+    return True
+
 
 # Set by graphopt.export while tracing for tf2onnx: compute with the framework's grouped
 # convolution so that the ONNX graph holds a grouped Conv with the grouped kernel.
@@ -140,7 +183,7 @@ class GroupedPointwiseConv(keras.layers.Layer):
         """Groups of one input or one output channel (a squeeze-excitation site's K and L) as
         elementwise products: a product and a sum over each group (one output), or a product
         with each input channel repeated (one input). A grouped convolution spends far more per
-        call (and in its gradients) than these few multiply-adds (see BATCHED_FROM_GROUPS)."""
+        call (and in its gradients) than these few multiply-adds."""
         cin_g, f_g = self.cin // self.groups, self.filters // self.groups
         kernel = ops.reshape(self.kernel, (cin_g, self.filters))
         if f_g == 1:
@@ -165,23 +208,29 @@ class GroupedPointwiseConv(keras.layers.Layer):
         return tf.reshape(y, tf.stack([shape[0], shape[1], shape[2], shape[3], self.filters]))
 
     def _how(self, x) -> str:
-        """How this call computes (channels-last `x`): see BATCHED_FROM_GROUPS and
-        DENSE_MAX_INTENSITY."""
+        """How this call computes (channels-last `x`): see DENSE_MAX_INTENSITY and
+        MATMUL_DENSE_MAX_INTENSITY."""
         if _EXPORT_AS_GROUPED_CONV:
             return "grouped conv"
         if self.groups in (self.cin, self.filters):
             return "one per group"
-        weights = self.cin * self.filters
+        intensity = self.cin * self.filters / (self.cin + self.filters)
+        if not self._grouped_conv_trains():
+            return "block diagonal" if intensity <= MATMUL_DENSE_MAX_INTENSITY else "batched"
         spatial = [
             None if n is None else -(-int(n) // s) for n, s in zip(x.shape[1:-1], self.strides)
         ]
-        if weights <= DENSE_MAX_INTENSITY * (self.cin + self.filters) or (
-            None not in spatial and math.prod(spatial) * weights <= DENSE_MAX_MACS
-        ):
+        macs = None if None in spatial else math.prod(spatial) * self.cin * self.filters
+        if intensity <= DENSE_MAX_INTENSITY or (macs is not None and macs <= DENSE_MAX_MACS):
             return "block diagonal"
-        if self.rank in (1, 2) and keras.backend.backend() == "tensorflow":
-            return "grouped conv"
-        return "batched" if self.groups >= BATCHED_FROM_GROUPS else "block diagonal"
+        return "grouped conv"
+
+    def _grouped_conv_trains(self) -> bool:
+        return (
+            self.rank in (1, 2)
+            and keras.backend.backend() == "tensorflow"
+            and tf_grouped_conv_trains()
+        )
 
     def call(self, inputs):
         x = inputs
