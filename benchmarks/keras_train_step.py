@@ -50,6 +50,15 @@ def step_times(model, x, y, steps: int) -> list[float]:
     return times
 
 
+def _onednn() -> bool:
+    """Whether TensorFlow's CPU kernels are oneDNN's (on Linux its default only for CPUs with
+    AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX; TF_ENABLE_ONEDNN_OPTS=1 forces it): both models
+    run on other kernels when it is off, and the rewrite's K and L take other forms."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 TARGETS = {32: 1.0}
 """Ratio targets per input size; 0.9 for the others."""
 
@@ -142,9 +151,15 @@ def main() -> None:
         "--ceiling", action="store_true", help="also time the original without its sites' convs"
     )
     args = parser.parse_args()
+    if args.grouped_conv and not keras_layers.tf_grouped_conv_trains():
+        parser.error(
+            "--grouped-conv: TensorFlow cannot differentiate its grouped convolution here "
+            "(oneDNN is off; TF_ENABLE_ONEDNN_OPTS=1 turns it on)"
+        )
     factory = getattr(keras.applications, f"EfficientNet{args.variant}")
+    runtime = "oneDNN" if _onednn() else "oneDNN off"
     print(
-        f"EfficientNet{args.variant}, {args.mode} mode"
+        f"EfficientNet{args.variant}, {args.mode} mode, TensorFlow on CPU ({runtime})"
         f"{''.join(f', --exclude {e}' for e in args.exclude)}{', XLA' if args.jit else ''}, "
         f"batch {args.batch}, {args.optimizer}, "
         f"{args.steps} train_on_batch steps each, one of each model in turn, medians "
