@@ -10,6 +10,7 @@ import functools
 import math
 
 import keras
+import numpy as np
 from keras import activations, constraints, initializers, ops, regularizers
 
 # How a grouped pointwise conv computes (GroupedPointwiseConv._how) depends on whether
@@ -168,7 +169,7 @@ class GroupedPointwiseConv(keras.layers.Layer):
         the per-group kernels, on B0's small site convs)."""
         cin_g, f_g = self.cin // self.groups, self.filters // self.groups
         kernel = ops.reshape(self.kernel, (cin_g, self.filters))
-        same_group = ops.arange(self.cin)[:, None] // cin_g == ops.arange(self.filters) // f_g
+        same_group = np.arange(self.cin)[:, None] // cin_g == np.arange(self.filters) // f_g
         dense = ops.tile(kernel, (self.groups, 1)) * ops.cast(same_group, kernel.dtype)
         return ops.matmul(x, dense)
 
