@@ -18,7 +18,7 @@ import numpy as np
 
 from graphopt import quality as q
 from graphopt.data import Samples
-from graphopt.errors import GraphoptError, InputError, UsageError
+from graphopt.errors import GraphoptError, InputError, UsageError, runtime_reason
 from graphopt.fit import Fitted
 from graphopt.plan import Selection, SitePlan, allowed_groups
 from graphopt.reconstruct import Step, apply_steps, fit_linear, fit_paper, relative_error
@@ -489,9 +489,9 @@ def check_runs(backend: Backend, samples: Samples) -> None:
     except GraphoptError:
         raise
     except Exception as exc:  # the runtime's own error, whatever its class
-        reason = " ".join(str(exc).split())
         raise InputError(
-            f"{samples.source}: the original model does not run on these samples: {reason[-300:]}"
+            f"{samples.source}: the original model does not run on these samples: "
+            f"{runtime_reason(exc)}"
         ) from None
 
 

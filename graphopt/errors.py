@@ -30,3 +30,18 @@ class UsageError(GraphoptError):
 class InternalError(GraphoptError):
     """A check of pwgroup's own work failed: a bug in pwgroup, not in the model (CLI: exit 1,
     nothing written)."""
+
+
+def runtime_reason(exc: BaseException, limit: int = 300) -> str:
+    """A runtime's error as one line: its last line of its own words, without the traceback
+    TensorFlow puts in a graph execution error ("File ..." lines) or the node it names
+    ("[[{{node ...}}]] [Op:...]"). A long line keeps its end, where onnxruntime says what
+    went wrong after the source line of the check that failed."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    own = [
+        line
+        for line in lines
+        if line and not line.startswith(("File ", "[[")) and not line.endswith(":")
+    ]
+    reason = own[-1] if own else " ".join(" ".join(lines).split()) or type(exc).__name__
+    return reason if len(reason) <= limit else "..." + reason[3 - limit :]

@@ -22,7 +22,7 @@ import numpy as np
 
 from graphopt import checkpoint
 from graphopt.data import DEFAULT_PREPROCESS, Samples, load_samples
-from graphopt.errors import InputError, UsageError
+from graphopt.errors import GraphoptError, InputError, UsageError, runtime_reason
 from graphopt.quality import few_held_out
 
 TRAIN_ONLY = ("all", "sites")
@@ -140,6 +140,7 @@ def check_pair(teacher, student, teacher_name: str, student_name: str) -> None:
                 f"{teacher_name} {_signature(a)}"
             )
     from graphopt.backends.keras_distill import all_layers
+    from graphopt.backends.keras_layers import GroupedPointwiseConv
 
     mine = {layer.name: layer for layer in all_layers(student)}
     for layer in all_layers(teacher):
@@ -148,12 +149,30 @@ def check_pair(teacher, student, teacher_name: str, student_name: str) -> None:
         twin = mine.get(layer.name)
         if twin is not None and [w.shape for w in twin.weights] == [w.shape for w in layer.weights]:
             continue
-        if f"{layer.name}_k" in mine and type(layer).__name__.startswith("Conv"):
-            continue  # a site: K (and L) replace it
+        if isinstance(mine.get(f"{layer.name}_k"), GroupedPointwiseConv):
+            continue  # a site (a conv, a separable conv's pointwise half): K (and L) replace it
         raise InputError(
             f"{student_name}: not a rewrite of {teacher_name} (layer '{layer.name}' of the "
             "original is missing or has other weights)"
         )
+
+
+def check_runs(model, samples: Samples, name: str) -> None:
+    """Run `model` on two samples before anything else. TensorFlow's refusal to run its
+    channels_first layers on a CPU names the model; any other failure is a problem of the
+    data (the shapes were checked against the model's inputs, not what its layers need)."""
+    from graphopt.backends.keras_distill import predict
+    from graphopt.backends.keras_io import cpu_layouts
+
+    try:
+        with cpu_layouts(name):
+            predict(model, _x(samples.take(slice(0, 2)), model))
+    except GraphoptError:
+        raise
+    except Exception as exc:  # TensorFlow's own error, whatever its class
+        raise InputError(
+            f"{samples.source}: {name} does not run on these samples: {runtime_reason(exc)}"
+        ) from None
 
 
 def _output_kinds(teacher, targets: list[np.ndarray], labels) -> tuple[list[str], int | None]:
@@ -246,12 +265,15 @@ class _Setup:
     held_labels: np.ndarray | None
 
 
-def _prepare(teacher, data, validation_data, validation_split, preprocess, limit, seed):
+def _prepare(teacher, student, names, data, validation_data, validation_split, preprocess, limit,
+             seed):  # fmt: skip
     from graphopt.backends.keras_distill import predict
     from graphopt.backends.keras_io import input_specs
 
     specs = input_specs(teacher)
     samples = load_samples(data, specs, preprocess=preprocess, limit=limit)
+    for model, name in zip((teacher, student), names):
+        check_runs(model, samples, name)
     if validation_data is not None:
         train, held = samples, load_samples(validation_data, specs, preprocess=preprocess)
     else:
@@ -348,7 +370,10 @@ def finetune(
         }
         checkpoint.check(folder, options)  # before the data are loaded: a quick refusal
     keras.utils.set_random_seed(seed)
-    setup = _prepare(teacher, data, validation_data, validation_split, preprocess, limit, seed)
+    setup = _prepare(
+        teacher, student, (teacher_name, student_name), data, validation_data,
+        validation_split, preprocess, limit, seed,
+    )  # fmt: skip
     if folder:
         options["data"] = checkpoint.digest_samples(setup.train)
         options["held_out"] = checkpoint.digest_samples(setup.held)

@@ -215,6 +215,98 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(fmnist, tmp_path, case
     assert not os.path.exists(str(out) + ".checkpoint")
 
 
+def _small_model(tmp_path, data_format: str, separable: bool = False):
+    """A small CNN (a 3x3 conv or a separable conv, then a 1x1 conv), saved, with its paper-mode
+    rewrite and 48 random samples: the teacher, the student, the data, as files."""
+    import keras
+
+    import graphopt
+
+    shape = (32, 12, 12) if data_format == "channels_first" else (12, 12, 32)
+    inp = keras.Input(shape, name="image")
+    if separable:
+        x = keras.layers.SeparableConv2D(64, 3, padding="same", data_format=data_format)(inp)
+    else:
+        x = keras.layers.Conv2D(64, 3, padding="same", data_format=data_format)(inp)
+    x = keras.layers.Conv2D(64, 1, activation="relu", data_format=data_format)(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format=data_format)(x)
+    teacher = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(x))
+    student, report = graphopt.rewrite(teacher, mode="paper", seed=0)
+    assert report.sites  # the 1x1 conv, and a separable conv's pointwise half
+    paths = {"teacher": str(tmp_path / "teacher.keras"), "student": str(tmp_path / "st.keras")}
+    graphopt.save(teacher, paths["teacher"])
+    graphopt.save(student, paths["student"])
+    paths["data"] = str(tmp_path / "data.npz")
+    x = np.random.default_rng(0).normal(size=(48, *shape)).astype("float32")
+    np.savez(paths["data"], image=x)
+    return teacher, student, report, paths
+
+
+def test_a_separable_convs_rewrite_is_a_rewrite_and_finetunes(tmp_path):
+    """The check that the student is a rewrite of the teacher refused every model with a
+    separable conv: its site is split into a depthwise conv and K/L, so the original's layer
+    has no twin (it accepted only layers whose class name starts with "Conv")."""
+    import graphopt
+    from graphopt.finetune import check_pair
+
+    teacher, student, report, paths = _small_model(tmp_path, "channels_last", separable=True)
+    assert any(site.name.startswith("separable") for site in report.sites)
+    check_pair(teacher, student, "teacher.keras", "st.keras")
+    tuned, result = graphopt.finetune(
+        teacher, student, paths["data"], epochs=1, batch_size=16, verbose=0
+    )
+    assert result.after.agreement is not None and len(tuned.layers) == len(student.layers)
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.parametrize("command", ["finetune", "calibrate"])
+def test_channels_first_model_on_a_cpu_is_one_line_naming_it(tmp_path, command):
+    """TensorFlow's CPU kernels run channels_last convolutions only: a channels_first model
+    (trained on a GPU) cannot run on a CPU, not even forward. Calibrating or fine-tuning one
+    said "unexpected error: UnimplementedError ... Graph execution error" (fine-tuning) or
+    blamed the data with a piece of a traceback (calibration)."""
+    if _has_gpu():
+        pytest.skip("a GPU runs channels_first layers")
+    *_, paths = _small_model(tmp_path, "channels_first")
+    out = tmp_path / "out.keras"
+    if command == "finetune":
+        args = ("finetune", paths["teacher"], paths["student"], "--data", paths["data"])
+    else:
+        args = ("rewrite", paths["teacher"], "--mode", "linear", "--calibrate", paths["data"])
+    before = file_bytes(paths["teacher"]), file_bytes(paths["student"])
+    proc = run_pwgroup(*args, "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"pwgroup: {paths['teacher']}: TensorFlow cannot run"), lines[0]
+    assert "channels_first" in lines[0] and "unexpected" not in lines[0]
+    assert not out.exists() and not os.path.exists(str(out) + ".checkpoint")
+    assert (file_bytes(paths["teacher"]), file_bytes(paths["student"])) == before
+
+
+def test_a_runtime_error_in_one_line_is_its_own_words():
+    from graphopt.errors import runtime_reason
+
+    graph_error = (
+        "Graph execution error:\n\nDetected at node conv2d_1/convolution defined at (most "
+        'recent call last):\n  File "/x/trainer.py", line 587, in predict\n\n  File '
+        '"/x/nn.py", line 812, in _conv\n\nThe Conv2D op currently only supports the NHWC '
+        "tensor format on the CPU. The op was given the format: NCHW\n\t [[{{node "
+        "conv2d_1/convolution}}]] [Op:__inference_one_step_on_data_346]"
+    )
+    assert runtime_reason(ValueError(graph_error)) == (
+        "The Conv2D op currently only supports the NHWC tensor format on the CPU. The op was "
+        "given the format: NCHW"
+    )
+    assert runtime_reason(ValueError("x" * 400 + "y" * 100)) == "..." + "x" * 197 + "y" * 100
+    assert runtime_reason(ValueError("")) == "ValueError"
+
+
 # ---- training runs ---------------------------------------------------------------------------
 
 

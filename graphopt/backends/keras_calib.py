@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from graphopt.backends.keras_io import cpu_layouts
 from graphopt.backends.keras_rewrite import put_fitted
 from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
 from graphopt.data import Samples
@@ -89,7 +90,8 @@ class KerasCalibration(RewriteOptions):
         count = len(arrays[0])
         if count < BATCH:
             arrays = [np.concatenate([a, np.repeat(a[-1:], BATCH - count, 0)]) for a in arrays]
-        outputs = model.predict_on_batch(arrays[0] if len(arrays) == 1 else arrays)
+        with cpu_layouts():
+            outputs = model.predict_on_batch(arrays[0] if len(arrays) == 1 else arrays)
         return keras.tree.map_structure(lambda o: keras.ops.convert_to_numpy(o)[:count], outputs)
 
     def run(self, model, samples: Samples) -> list[np.ndarray]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
 
-from graphopt.errors import InputError, UnsafeModelError, UsageError
+from graphopt.errors import InputError, UnsafeModelError, UnsupportedModelError, UsageError
 
 APPLICATIONS_PREFIX = "keras.applications:"
 _TRUSTED_MODULE_PREFIXES = ("keras", "graphopt")
@@ -121,6 +122,35 @@ def save_keras(model, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def cpu_layout_limit(exc: BaseException) -> str | None:
+    """Why TensorFlow could not run a model, where the cause is this machine's kernels rather
+    than the model or the data: TensorFlow's CPU kernels of Conv2D, pooling and others take
+    channels-last (NHWC) tensors only, so a channels_first Keras model (trained on a GPU) does
+    not run on a CPU, not even its forward pass ("The Conv2D op currently only supports the
+    NHWC tensor format on the CPU. The op was given the format: NCHW")."""
+    text = str(exc)
+    if "NHWC" in text and "CPU" in text:
+        return (
+            "TensorFlow cannot run this model's channels_first layers on a CPU (its CPU "
+            "kernels take channels_last tensors only): run it where a GPU is, or save it "
+            "with data_format='channels_last'"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def cpu_layouts(name: str | None = None):
+    """Running a model inside: TensorFlow's refusal of a channels_first layer on CPU becomes an
+    UnsupportedModelError naming the model (see cpu_layout_limit); other errors pass."""
+    try:
+        yield
+    except Exception as exc:
+        reason = cpu_layout_limit(exc)
+        if reason is None:
+            raise
+        raise UnsupportedModelError(f"{name}: {reason}" if name else reason) from None
 
 
 def _first_line(exc: BaseException) -> str:
