@@ -199,6 +199,8 @@ def _capture_rows(backend, model, samples, infos, keys, budget) -> dict[str, np.
     """Rows of each site's input over `samples` (at most `budget` rows per site); the same
     positions for the same site and samples, whichever model they are read from."""
     names = list(infos)
+    if not names:  # no site that calibration can fit (e.g. all Dense on feature maps)
+        return {}
     keep = max(1, -(-budget // len(samples)))
     parts: dict[str, list] = {n: [] for n in names}
     for index, arrays in enumerate(backend.capture(model, samples, keys)):

@@ -244,6 +244,11 @@ def quality_lines(report: Report) -> list[str]:
             f"  site errors {errors[0][0]:.3f} to {errors[-1][0]:.3f}, median "
             f"{errors[len(errors) // 2][0]:.3f} (worst: {errors[-1][1]})"
         )
+    kept = [s.name for s in report.sites if s.site_error is None]
+    if quality.calibrated and kept:
+        lines.append(  # see README: which sites calibration cannot fit
+            f"  {len(kept)} of {len(report.sites)} sites not fitted, fresh init (first: {kept[0]})"
+        )
     in_context = [s for s in report.sites if s.context_error is not None]
     if in_context:
         worst = max(in_context, key=lambda s: s.context_error)

@@ -261,3 +261,31 @@ def test_data_the_original_cannot_run_on_is_refused_in_one_line(tmp_path):
     )
     assert not out.exists()
     assert run_pwgroup(*args, "--calibrate", str(tmp_path / "ok.npy")).returncode == 0
+
+
+@pytest.mark.parametrize("first", ["dense", "separable"])
+def test_sites_calibration_cannot_fit_keep_their_init_and_the_report_counts_them(first):
+    """Calibration fits the convs of a Keras model's top-level graph. A model whose only sites
+    are Dense layers on feature maps (ConvNeXt's pointwise layers) crashed with "`outputs`
+    argument cannot be empty" (nothing to read); one with separable convs (Xception: 34 of its
+    38 sites) gave no sign that most of its sites were not fitted."""
+    import keras
+
+    inp = keras.Input((8, 8, 32))
+    if first == "dense":
+        x = keras.layers.Dense(64, activation="relu")(inp)
+    else:
+        x = keras.layers.SeparableConv2D(64, 3, padding="same", activation="relu")(inp)
+        x = keras.layers.Conv2D(64, 1, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(x))
+    x = np.random.default_rng(0).normal(size=(40, 8, 8, 32)).astype("float32")
+    rewritten, report = graphopt.rewrite(model, mode="linear", calibration=x)
+    fitted = [s.name for s in report.sites if s.site_error is not None]
+    assert fitted == ([] if first == "dense" else [report.sites[-1].name])  # the 1x1 conv
+    line = (
+        f"  1 of {len(report.sites)} sites not fitted, fresh init (first: {report.sites[0].name})"
+    )
+    assert any(text.startswith(line) for text in quality_lines(report)), quality_lines(report)
+    assert report.quality.held_out_samples == 10
+    assert rewritten.predict(x, verbose=0).shape == (40, 4)
