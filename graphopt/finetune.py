@@ -139,13 +139,15 @@ def check_pair(teacher, student, teacher_name: str, student_name: str) -> None:
                 f"{student_name}: its {what} {_signature(b)} differ from those of "
                 f"{teacher_name} {_signature(a)}"
             )
+    import keras
+
     from graphopt.backends.keras_distill import all_layers
     from graphopt.backends.keras_layers import GroupedPointwiseConv
 
     mine = {layer.name: layer for layer in all_layers(student)}
     for layer in all_layers(teacher):
-        if not layer.weights:
-            continue
+        if not layer.weights or isinstance(layer, keras.Model):
+            continue  # a nested model: its layers are checked one by one
         twin = mine.get(layer.name)
         if twin is not None and [w.shape for w in twin.weights] == [w.shape for w in layer.weights]:
             continue

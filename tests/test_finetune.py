@@ -215,24 +215,30 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(fmnist, tmp_path, case
     assert not os.path.exists(str(out) + ".checkpoint")
 
 
-def _small_model(tmp_path, data_format: str, separable: bool = False):
-    """A small CNN (a 3x3 conv or a separable conv, then a 1x1 conv), saved, with its paper-mode
-    rewrite and 48 random samples: the teacher, the student, the data, as files."""
+def _small_model(tmp_path, data_format: str, first: str = "conv"):
+    """A small CNN (a 3x3 conv, a separable conv, or a 1x1 conv inside a nested model; then a
+    1x1 conv), saved, with its paper-mode rewrite and 48 random samples: the teacher, the
+    student, the report, the files."""
     import keras
 
     import graphopt
 
     shape = (32, 12, 12) if data_format == "channels_first" else (12, 12, 32)
     inp = keras.Input(shape, name="image")
-    if separable:
-        x = keras.layers.SeparableConv2D(64, 3, padding="same", data_format=data_format)(inp)
+    if first == "separable":
+        x = keras.layers.SeparableConv2D(
+            64, 3, padding="same", data_format=data_format, name="sep"
+        )(inp)
+    elif first == "nested":
+        inner_in = keras.Input(shape)
+        inner_out = keras.layers.Conv2D(64, 1, data_format=data_format, name="pw")(inner_in)
+        x = keras.Model(inner_in, inner_out, name="inner")(inp)
     else:
         x = keras.layers.Conv2D(64, 3, padding="same", data_format=data_format)(inp)
     x = keras.layers.Conv2D(64, 1, activation="relu", data_format=data_format)(x)
     x = keras.layers.GlobalAveragePooling2D(data_format=data_format)(x)
     teacher = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(x))
     student, report = graphopt.rewrite(teacher, mode="paper", seed=0)
-    assert report.sites  # the 1x1 conv, and a separable conv's pointwise half
     paths = {"teacher": str(tmp_path / "teacher.keras"), "student": str(tmp_path / "st.keras")}
     graphopt.save(teacher, paths["teacher"])
     graphopt.save(student, paths["student"])
@@ -242,15 +248,18 @@ def _small_model(tmp_path, data_format: str, separable: bool = False):
     return teacher, student, report, paths
 
 
-def test_a_separable_convs_rewrite_is_a_rewrite_and_finetunes(tmp_path):
+@pytest.mark.parametrize("first", ["separable", "nested"])
+def test_rewrites_of_separable_convs_and_nested_models_are_rewrites_and_finetune(tmp_path, first):
     """The check that the student is a rewrite of the teacher refused every model with a
-    separable conv: its site is split into a depthwise conv and K/L, so the original's layer
-    has no twin (it accepted only layers whose class name starts with "Conv")."""
+    separable conv (its site is split into a depthwise conv and K/L, and only layers whose
+    class name starts with "Conv" were taken as sites) and every model with a site inside a
+    nested model (the nested model itself, a layer with weights, differs in its rewrite)."""
     import graphopt
     from graphopt.finetune import check_pair
 
-    teacher, student, report, paths = _small_model(tmp_path, "channels_last", separable=True)
-    assert any(site.name.startswith("separable") for site in report.sites)
+    teacher, student, report, paths = _small_model(tmp_path, "channels_last", first)
+    site = {"separable": "sep", "nested": "inner/pw"}[first]
+    assert site in [s.name for s in report.sites] and len(report.sites) == 2
     check_pair(teacher, student, "teacher.keras", "st.keras")
     tuned, result = graphopt.finetune(
         teacher, student, paths["data"], epochs=1, batch_size=16, verbose=0
