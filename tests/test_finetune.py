@@ -267,6 +267,26 @@ def test_rewrites_of_separable_convs_and_nested_models_are_rewrites_and_finetune
     assert result.after.agreement is not None and len(tuned.layers) == len(student.layers)
 
 
+def test_data_the_models_cannot_run_on_is_refused_naming_the_data(tmp_path):
+    """Token ids beyond an embedding's vocabulary pass the checks of names, shapes and dtypes;
+    both models run on two samples first, so the failure is one line naming the data."""
+    import keras
+
+    import graphopt
+    from graphopt.errors import InputError
+
+    inp = keras.Input((40,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(100, 32)(inp)
+    x = keras.layers.Conv1D(64, 1, activation="relu")(x)
+    x = keras.layers.GlobalMaxPooling1D()(x)
+    teacher = keras.Model(inp, keras.layers.Dense(6, activation="softmax")(x))
+    student, _ = graphopt.rewrite(teacher, mode="paper")
+    data = str(tmp_path / "ids.npz")
+    np.savez(data, ids=np.full((32, 40), 500, "int32"))
+    with pytest.raises(InputError, match=r"ids.npz: t.keras does not run on these samples: .*500"):
+        graphopt.finetune(teacher, student, data, teacher_name="t.keras")
+
+
 def _has_gpu() -> bool:
     import tensorflow as tf
 
