@@ -400,17 +400,14 @@ class Calibration:
             target = _target(info, xo_hold)[0]
             candidates = {"original": solve(info, info.plan, xo_fit, self.seed)}
             self.alone[name] = candidates["original"]
-            xr_hold = xo_hold
-            if i > 1:
-                one = {name: info}
-                key = [info.x_rewritten]
-                xr_fit = _capture_rows(
-                    self.backend, built.model, self.fit, one, key, ROWS_PER_SITE
-                )[name]
-                xr_hold = _capture_rows(
-                    self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE
-                )[name]
-                candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed)
+            # also for the first site fitted: sites before it that calibration cannot fit
+            # (nested, separable in an ONNX If body...) are rewritten with their init
+            one, key = {name: info}, [info.x_rewritten]
+            xr_fit = _capture_rows(self.backend, built.model, self.fit, one, key, ROWS_PER_SITE)
+            xr_hold = _capture_rows(
+                self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE
+            )[name]
+            candidates["rewritten"] = solve(info, info.plan, xr_fit[name], self.seed)
             scored = {
                 k: held_out_error(info, info.plan, f, xr_hold, target)
                 for k, f in candidates.items()

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from graphopt.backends.keras_io import cpu_layouts
-from graphopt.backends.keras_rewrite import put_fitted
+from graphopt.backends.keras_rewrite import depthwise_half, pointwise_kernel, put_fitted
 from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
 from graphopt.data import Samples
 from graphopt.plan import PAPER, Selection
@@ -21,6 +21,7 @@ from graphopt.reconstruct import Step
 class KerasCalibration(RewriteOptions):
     original: keras.Model
     _last: tuple | None = field(default=None, repr=False)
+    _depthwise_outputs: dict = field(default_factory=dict, repr=False)
 
     @property
     def output_names(self) -> list[str]:
@@ -33,37 +34,54 @@ class KerasCalibration(RewriteOptions):
         sites, handles = {}, {}
         for name, site in found.items():
             layers = site.replacement
-            if site.plan.kind != "conv" or "/" in name or "k" not in layers:
-                continue  # separable/Dense sites and nested models keep their init
+            if "/" in name or "k" not in layers:
+                continue  # sites inside nested models keep their init
             if len(site.layer._inbound_nodes) != 1:
                 continue
             if len(layers["k"]._inbound_nodes) != 1:
                 continue
-            sites[name] = self._info(site, layers["k"].input)
+            sites[name] = self._info(site, self._site_input(name, site), layers["k"].input)
             handles[name] = layers
         return Built(model, report, sites, handles)
+
+    def _site_input(self, name: str, site):
+        """The original's tensor that the pointwise conv of `site` reads. A separable conv's
+        pointwise half reads its depthwise half's output, which is inside the layer: it is
+        made a tensor of the original's graph by a copy of that half called on the layer's
+        input (once per site: a new tensor would cost a new sub-model and trace)."""
+        if site.plan.kind != "separable":
+            return site.layer.input
+        if name not in self._depthwise_outputs:
+            sep = site.layer
+            half = depthwise_half(sep)
+            out = half(sep.input)
+            half.set_weights([keras.ops.convert_to_numpy(sep.depthwise_kernel)])
+            self._depthwise_outputs[name] = out
+        return self._depthwise_outputs[name]
 
     def update(self, built: Built, name: str, fitted) -> None:
         put_fitted(built.handles[name], fitted)
 
-    def _info(self, site, x_rewritten) -> SiteInfo:
-        conv = site.layer
-        kernel = keras.ops.convert_to_numpy(conv.kernel)
+    def _info(self, site, x_original, x_rewritten) -> SiteInfo:
+        layer, rank = site.layer, site.rank
+        kernel = keras.ops.convert_to_numpy(pointwise_kernel(layer))
         cin, filters = kernel.shape[-2], kernel.shape[-1]
-        bias = keras.ops.convert_to_numpy(conv.bias) if conv.use_bias else None
+        bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
         steps = []
         if self.mode == PAPER:
-            if keras.activations.serialize(conv.activation) != "linear":
-                steps.append(Step("act", fn=conv.activation))
+            if keras.activations.serialize(layer.activation) != "linear":
+                steps.append(Step("act", fn=layer.activation))
             steps += [_step(node.operation) for node in site.chain]
+        conv = site.plan.kind == "conv"  # a separable conv strides in its depthwise half
+        channels_first = getattr(layer, "data_format", None) == "channels_first"
         return SiteInfo(
             plan=site.plan,
-            x_original=conv.input,
+            x_original=x_original,
             x_rewritten=x_rewritten,
             weight=kernel.reshape(cin, filters).T.astype(np.float64),
             bias=None if bias is None else bias.astype(np.float64),
-            strides=tuple(conv.strides),
-            channel_axis=-1 if conv.data_format == "channels_last" else 1,
+            strides=tuple(layer.strides) if conv else (1,) * rank,
+            channel_axis=1 if channels_first else -1,
             steps=steps,
         )
 

@@ -260,7 +260,7 @@ class KerasRewrite:
         activation = layer.activation if paper else None
         layers = {}
         if plan.kind == "separable":
-            layers["depthwise"] = _depthwise_half(layer)
+            layers["depthwise"] = depthwise_half(layer)
         layers["k"] = self._grouped(spec, plan, f"{name}_k", spec["strides"], activation)
         layers["k_chain"] = [_clone_with_weights(node) for node in site.chain]
         axis = _channel_axis(layer)
@@ -316,7 +316,7 @@ def _site_spec(layer, rank: int) -> dict:
     }
 
 
-def _depthwise_half(sep):
+def depthwise_half(sep):
     """The depthwise conv of a separable conv, as its own layer (it gets the same weights)."""
     return _DEPTHWISE_OF[type(sep)](
         kernel_size=sep.kernel_size,
