@@ -7,7 +7,6 @@ pwgroup bug), 2 bad input or usage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import logging
 import os
@@ -298,21 +297,6 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
-@contextlib.contextmanager
-def _silenced_stderr():
-    """TensorFlow's C++ runtime prints to fd 2 at import; keep the user's stderr clean."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _expand(models: list[str]) -> list[str]:
     out = []
     for m in models:
@@ -526,7 +510,7 @@ def _latency(graphopt, args, kind: str, model, new_model) -> list:
     from graphopt.backends.onnx_timing import latency
 
     if kind != "onnx":
-        with _silenced_stderr():  # tf2onnx logs through TensorFlow's C++ runtime
+        with graphopt.quiet.silenced_stderr():  # tf2onnx logs through TF's C++ runtime
             model, new_model = graphopt.export_onnx(model), graphopt.export_onnx(new_model)
     timings, notes = latency(model, new_model, args.latency, args.provider)
     for note in notes if not args.quiet else []:
@@ -540,7 +524,7 @@ def _export(graphopt, args, source: str) -> int:
     model = graphopt.load(
         source, classes=args.classes, input_shape=args.input_shape, trust_model=args.trust_model
     )
-    with _silenced_stderr():  # tf2onnx logs through TensorFlow's C++ runtime
+    with graphopt.quiet.silenced_stderr():  # tf2onnx logs through TF's C++ runtime
         proto = graphopt.export_onnx(model, opset=args.opset)
     size = graphopt.save(proto, args.output, source=source)
     print(f"wrote {args.output} ({size:,} bytes, opset {args.opset})")
@@ -599,8 +583,8 @@ def _main(args) -> int:
             return _fail(problem)
     if args.command == "finetune" and (problem := _precheck_finetune(args)):
         return _fail(problem)
-    with _silenced_stderr():
-        import graphopt
+    import graphopt  # its import keeps TensorFlow's C++ runtime off stderr
+
     if not args.debug:  # TensorFlow's advice on retracing (calibration runs many sub-models)
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
     _check_runtime(graphopt, args, sources)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -232,3 +234,25 @@ def test_paper_rewrite_site_norms_are_fused_and_reload():
         model.save(path)
         again = keras.models.load_model(path)
     np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_asking_whether_the_grouped_conv_trains_prints_nothing():
+    """Where it cannot train, TensorFlow logged the probe's failure to stderr ("Local rendezvous
+    is aborting ... Gradients for grouped convolutions are not supported on CPU"), which reads
+    as if the rewritten model could not train: for a user who imported TensorFlow first, with
+    its C++ log level at its default."""
+    import subprocess
+    import sys
+
+    code = (
+        "import tensorflow, graphopt\n"
+        "from graphopt.backends import keras_layers\n"
+        "print(keras_layers.tf_grouped_conv_trains())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("True", "False")
+    assert "grouped convolutions" not in proc.stderr, proc.stderr

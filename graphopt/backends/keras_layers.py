@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import activations, constraints, initializers, ops, regularizers
 
+from graphopt.quiet import silenced_stderr
+
 # How a grouped pointwise conv computes (GroupedPointwiseConv._how) depends on whether
 # TensorFlow can train its own grouped convolution here (tf_grouped_conv_trains: oneDNN or
 # cuDNN). All timings: forward+backward of each of EfficientNetB0's site convs at batch 32 on
@@ -60,7 +62,10 @@ def tf_grouped_conv_trains() -> bool:
     import tensorflow as tf
 
     strides = [1, 1, 1, 1]
-    with tf.init_scope():  # eagerly, also when first asked while a model is traced
+    # eagerly, also when first asked while a model is traced; silenced: where the gradient
+    # fails, TensorFlow logs it ("Local rendezvous is aborting ... Gradients for grouped
+    # convolutions are not supported on CPU"), which reads as if the model could not train
+    with tf.init_scope(), silenced_stderr():
         x, kernel, dy = tf.ones((1, 1, 1, 4)), tf.ones((1, 1, 2, 2)), tf.ones((1, 1, 1, 2))
         try:  # the two gradients, as the ops the tape would record (init_scope pauses tapes)
             tf.raw_ops.Conv2DBackpropInput(
