@@ -400,14 +400,18 @@ class Calibration:
             target = _target(info, xo_hold)[0]
             candidates = {"original": solve(info, info.plan, xo_fit, self.seed)}
             self.alone[name] = candidates["original"]
-            # also for the first site fitted: sites before it that calibration cannot fit
-            # (nested, separable in an ONNX If body...) are rewritten with their init
+            # what the rewritten prefix passes on, also for the first site fitted: sites
+            # before it that calibration cannot fit (nested, in an ONNX If body...) keep
+            # their init. Where it is what the original passes on (nothing rewritten
+            # upstream), a second fit would be the first one again.
             one, key = {name: info}, [info.x_rewritten]
             xr_fit = _capture_rows(self.backend, built.model, self.fit, one, key, ROWS_PER_SITE)
+            xr_fit = xr_fit[name]
             xr_hold = _capture_rows(
                 self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE
             )[name]
-            candidates["rewritten"] = solve(info, info.plan, xr_fit[name], self.seed)
+            if not np.array_equal(xr_fit, xo_fit):
+                candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed)
             scored = {
                 k: held_out_error(info, info.plan, f, xr_hold, target)
                 for k, f in candidates.items()
