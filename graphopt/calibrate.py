@@ -250,10 +250,16 @@ def predict(info: SiteInfo, plan: SitePlan, fitted: Fitted, x: np.ndarray) -> np
     return u + apply_steps(v, steps)
 
 
-def solve(info: SiteInfo, plan: SitePlan, x: np.ndarray, seed: int = 0) -> Fitted:
-    """New weights for the site that reproduce, on rows `x`, what the original computes."""
+def solve(
+    info: SiteInfo, plan: SitePlan, x: np.ndarray, seed: int = 0, x_original=None
+) -> Fitted:
+    """New weights for the site that reproduce, on rows `x`, what the original network
+    computes there: the original's site on `x_original`, its own rows at the same samples and
+    positions (by default `x` itself). Fitting the rows a rewritten prefix passes on to the
+    original's outputs lets a site repair what the sites before it lost."""
     x = x.astype(np.float64)  # rows are kept in float32: half the memory over all sites
-    target, pre = _target(info, x)
+    source = x if x_original is None else x_original.astype(np.float64)
+    target, pre = _target(info, source)
     if not info.steps:
         return fit_linear(plan, x, target)
     keep = slice(0, PAPER_ROWS)
@@ -411,7 +417,7 @@ class Calibration:
                 self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE
             )[name]
             if not np.array_equal(xr_fit, xo_fit):
-                candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed)
+                candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed, xo_fit)
             scored = {
                 k: held_out_error(info, info.plan, f, xr_hold, target)
                 for k, f in candidates.items()
