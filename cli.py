@@ -261,6 +261,22 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         metavar="E",
         help="the same for the outputs' relative L2 error",
     )
+    p.add_argument(
+        "--distill-steps",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="Keras: after calibration, train the sites for N steps (rounded up to whole "
+        "passes) to reproduce the original's outputs on the fitted samples, no labels needed "
+        "(200 is a good start; default 0: off)",
+    )
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a non-negative integer")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -398,6 +414,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             preprocess=args.preprocess,
             progress=_say if show else None,
             dense_sequences=args.dense_sequences,
+            distill_steps=args.distill_steps,
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         import gc

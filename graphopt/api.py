@@ -53,6 +53,7 @@ def rewrite(
     progress=None,
     dense_sequences: bool = False,
     factory=None,
+    distill_steps: int = 0,
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -101,6 +102,15 @@ def rewrite(
     calibrating = _check_calibration_options(
         calibration, calibrate, groups, min_agreement, max_output_error, max_site_error, held_out
     )
+    if not isinstance(distill_steps, int) or distill_steps < 0:
+        raise UsageError("distill_steps must be a non-negative integer")
+    if distill_steps and not calibrating:
+        raise UsageError("distill_steps trains after calibration: it needs calibration data")
+    if distill_steps and _is_onnx(model):
+        raise UsageError(
+            "distill_steps trains the rewritten model, and pwgroup cannot train ONNX models "
+            "yet: calibrate without it, or rewrite the Keras model"
+        )
     if _is_keras(model):
         if skip_slower or fold_slower:
             flag = "skip_slower" if skip_slower else "fold_slower"
@@ -135,7 +145,15 @@ def rewrite(
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
         check_accounting(report)
         return new_model, report
-    from graphopt.calibrate import Calibration, Quality, Targets, check_runs, measure, quiet
+    from graphopt.calibrate import (
+        Calibration,
+        Distill,
+        Quality,
+        Targets,
+        check_runs,
+        measure,
+        quiet,
+    )
     from graphopt.data import load_samples
 
     if _is_keras(model):
@@ -163,8 +181,9 @@ def rewrite(
         return new_model, report
     targets = Targets(min_agreement, max_output_error, max_site_error, groups == "auto")
     job = Calibration(
-        adapter, fit, held, selection, min_channels_per_group, targets, progress or quiet, seed
-    )
+        adapter, fit, held, selection, min_channels_per_group, targets, progress or quiet, seed,
+        Distill(distill_steps),
+    )  # fmt: skip
     new_model, report = job.run()
     check_accounting(report)
     return new_model, report

@@ -9,6 +9,7 @@ selection, read the inputs of sites out of a model, and run a model. Everything 
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,6 +92,21 @@ class RewriteOptions:
         return model, report, found
 
 
+@dataclass(frozen=True)
+class Distill:
+    """--distill-steps: a short label-free distillation of the calibrated rewrite on the fit
+    samples (the original as teacher, only the sites train), rounded up to whole passes."""
+
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 2e-3
+    temperature: float = 2.0
+
+    def passes(self, samples: int) -> int:
+        per_pass = max(1, samples // min(self.batch_size, samples))
+        return max(1, -(-self.steps // per_pass))
+
+
 class Backend(Protocol):
     original: object
     output_names: list[str]
@@ -105,6 +121,12 @@ class Backend(Protocol):
     def capture(self, model, samples: Samples, keys: list) -> Iterator[list[np.ndarray]]: ...
 
     def run(self, model, samples: Samples) -> list[np.ndarray]: ...
+
+    def distill(self, model, fit: Samples, held: Samples, options: Distill, seed: int):
+        """A copy of `model` with its sites trained to reproduce the original's outputs on
+        `fit` (`held` to measure on), and BatchNormalization statistics re-estimated only
+        where weights changed; returns (model, steps run)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -145,7 +167,9 @@ class Quality:
     """Points (trainable parameters after, agreement, output error, sites left) that
     accuracy control went through, first all sites rewritten."""
     ladder: list[dict] = field(default_factory=list)
-    """--groups auto: the same for each site-error bound tried (sites fitted independently)."""
+    """--groups auto: the same for each site-error bound tried (each a full calibration)."""
+    distill: dict = field(default_factory=dict)
+    """--distill-steps: steps run, seconds, held-out agreement/output error before it."""
 
     @property
     def agreement(self) -> float | None:
@@ -167,6 +191,7 @@ class Quality:
             "targets": targets,
             "curve": self.curve,
             "ladder": self.ladder,
+            "distill": self.distill,
         }
 
 
@@ -250,9 +275,7 @@ def predict(info: SiteInfo, plan: SitePlan, fitted: Fitted, x: np.ndarray) -> np
     return u + apply_steps(v, steps)
 
 
-def solve(
-    info: SiteInfo, plan: SitePlan, x: np.ndarray, seed: int = 0, x_original=None
-) -> Fitted:
+def solve(info: SiteInfo, plan: SitePlan, x: np.ndarray, seed: int = 0, x_original=None) -> Fitted:
     """New weights for the site that reproduce, on rows `x`, what the original network
     computes there: the original's site on `x_original`, its own rows at the same samples and
     positions (by default `x` itself). Fitting the rows a rewritten prefix passes on to the
@@ -287,10 +310,12 @@ class Calibration:
     targets: Targets = field(default_factory=Targets)
     say: Say = quiet
     seed: int = 0
+    distill: Distill = field(default_factory=Distill)
 
     def run(self):
         """Calibrate; return (model, report) with the quality section filled in."""
         self.ladder: list[dict] = []
+        self._failed: set = set()
         built = self.backend.build(self.selection, {})
         infos = built.sites
         original = self.backend.original
@@ -305,14 +330,50 @@ class Calibration:
         if self.targets.auto_groups:
             selection = self._auto_groups(infos, selection)
         model, report, weights = self._sequential(selection)
-        outputs = self._compare(model)
+        model, outputs = self._distilled(model)
         curve = [self._point(report, outputs, [])]
         if self.targets.wanted() and not self.targets.met(outputs):
-            model, report, outputs = self._control(selection, weights, report, outputs, curve)
+            model, report, outputs, selection = self._control(
+                selection, weights, report, outputs, curve
+            )
+        if self.targets.auto_groups and self.targets.wanted() and self.targets.met(outputs):
+            grown = self._grow(infos, selection, self.weights, curve)
+            if grown != selection:
+                model, report, weights = self._sequential(grown)
+                model, outputs = self._distilled(model)
+                curve.append(self._point(report, outputs, []) | {"refitted": True})
+                if not self.targets.met(outputs):
+                    model, report, outputs, _ = self._control(
+                        grown, weights, report, outputs, curve
+                    )
         report.quality = Quality(
-            len(self.fit), len(self.held_out), True, outputs, self.targets, curve, self.ladder
-        )
+            len(self.fit), len(self.held_out), True, outputs, self.targets, curve, self.ladder,
+            self.distilled,
+        )  # fmt: skip
         return model, report
+
+    def _distilled(self, model):
+        """(model, held-out outputs), after --distill-steps when asked for."""
+        self.distilled: dict = {}
+        if not self.distill.steps:
+            return model, self._compare(model)
+        before = self._compare(model)
+        start = time.monotonic()
+        self.say(f"distilling the calibrated rewrite on {len(self.fit)} samples")
+        model, steps = self.backend.distill(model, self.fit, self.held_out, self.distill, self.seed)
+        outputs = self._compare(model)
+        self.distilled = {
+            "steps": steps,
+            "seconds": round(time.monotonic() - start, 1),
+            "agreement_before": q.agreement(before),
+            "output_error_before": q.output_error(before),
+        }
+        self.say(
+            f"distilled {steps} steps: agreement {q.agreement(before)} -> "
+            f"{q.agreement(outputs)}, output error {q.output_error(before):.3f} -> "
+            f"{q.output_error(outputs):.3f}"
+        )
+        return model, outputs
 
     def _compare(self, model) -> list[q.OutputQuality]:
         return q.compare(
@@ -330,7 +391,8 @@ class Calibration:
 
     def _auto_groups(self, infos, selection: Selection) -> Selection:
         """Per site the largest group count within the site-error bound (given, or the
-        loosest of the ladder at which the targets hold with sites fitted independently)."""
+        loosest of the ladder at which the targets hold). The bounds come from each site
+        fitted alone on the original's inputs, at each group count it allows."""
         errors = {}  # (site, groups) -> held-out error, each fitted once
         for i, (name, info) in enumerate(infos.items(), 1):
             target = _target(info, self.x_hold[name])[0]
@@ -348,25 +410,48 @@ class Calibration:
             bound = DEFAULT_SITE_ERROR
         if bound is not None:
             return self._grouped(infos, selection, errors, bound)
-        tried = set()
-        for bound in sorted({round(e, 6) for e, _ in errors.values()}, reverse=True):
+        return self._ladder(infos, selection, errors)
+
+    def _ladder(self, infos, selection: Selection, errors) -> Selection:
+        """The loosest site-error bound at which the targets hold, each bound tried as a whole
+        calibration (sites fitted in network order on matched targets, then --distill-steps):
+        a bisection over the bounds that give distinct group counts, as a looser bound only
+        ever raises group counts or rewrites more sites."""
+        trials, seen = [], set()
+        for bound in sorted({e for e, _ in errors.values()}, reverse=True):
             trial = self._grouped(infos, selection, errors, bound)
             grouping = tuple(sorted(self._groups_of(infos, trial).items()))
-            if grouping in tried:
-                continue
-            tried.add(grouping)
-            weights = {n: errors[n, g][1] for n, g in self._groups_of(infos, trial).items()}
-            built = self.backend.build(trial, weights)
-            outputs = self._compare(built.model)
-            self.say(
-                f"site error bound {bound:g}: {built.report.totals.reduction_pct:.2f}% fewer "
-                f"parameters, agreement {q.agreement(outputs)}, output error "
-                f"{q.output_error(outputs):.3f}"
-            )
-            self.ladder.append(self._point(built.report, outputs, []) | {"site_error": bound})
-            if self.targets.met(outputs):
-                return trial
-        return trial
+            if grouping not in seen:
+                seen.add(grouping)
+                trials.append((bound, trial))
+        met: dict[int, bool] = {}
+
+        def holds(index: int) -> bool:
+            if index not in met:
+                bound, trial = trials[index]
+                model, report, _ = self._sequential(trial, quiet)
+                _, outputs = self._distilled(model)
+                met[index] = self.targets.met(outputs)
+                self.say(
+                    f"site error bound {bound:g}: {report.totals.reduction_pct:.2f}% fewer "
+                    f"parameters, agreement {q.agreement(outputs)}, output error "
+                    f"{q.output_error(outputs):.3f}"
+                )
+                point = self._point(report, outputs, []) | {"site_error": round(bound, 6)}
+                self.ladder.append(point)
+            return met[index]
+
+        low, high = 0, len(trials) - 1  # the first bound that holds lies in [low, high]
+        if not holds(high):
+            return trials[high][1]
+        while low < high:
+            middle = (low + high) // 2
+            if holds(middle):
+                high = middle
+            else:
+                low = middle + 1
+        self.ladder.sort(key=lambda point: -point["site_error"])
+        return trials[low][1]
 
     def _groups_of(self, infos, selection: Selection) -> dict[str, int]:
         left = dict(selection.left)
@@ -391,9 +476,10 @@ class Calibration:
                 groups.append((name, chosen))
         return dataclasses.replace(selection, groups=tuple(groups), left=tuple(left))
 
-    def _sequential(self, selection: Selection):
+    def _sequential(self, selection: Selection, say: Say | None = None):
         """Fit each site in network order; each sees the inputs of the original or of the
         rewritten prefix (earlier sites already fitted), whichever holds out better."""
+        say = say or self.say
         weights: dict[str, Fitted] = {}
         self.alone: dict[str, Fitted] = {}
         """Each site fitted on the original's inputs: what it does when rewritten alone."""
@@ -431,7 +517,7 @@ class Calibration:
                 calibrated_on=chosen,
                 context_error=round(scored[chosen], 6),
             )
-            self.say(
+            say(
                 f"calibrating site {i}/{len(names)} {name}: error {site_error:.3f}, "
                 f"{scored[chosen]:.3f} in context (fitted on the {chosen} inputs)"
             )
@@ -464,9 +550,57 @@ class Calibration:
                 break
         # the remaining sites see other inputs now: fit them again in that context
         model, report, _ = self._sequential(selection)
-        outputs = self._compare(model)
+        model, outputs = self._distilled(model)
         curve.append(self._point(report, outputs, left) | {"refitted": True})
-        return model, report, outputs
+        return model, report, outputs, selection
+
+    def _grow(self, infos, selection: Selection, weights, curve) -> Selection:
+        """Once the targets hold: try each site at its next larger group count (a site left
+        as it was at its smallest), the largest saving first, and keep every change under
+        which they still hold. A trial refits only the changed site, on what the rewrite
+        passes it, to what the original computes there; the result is refitted whole after."""
+        weights = dict(weights)
+        while True:
+            current = self._groups_of(infos, selection)
+            tries = []
+            for name, info in infos.items():
+                allowed = allowed_groups(
+                    info.plan.cin, info.plan.filters, self.min_channels_per_group
+                )
+                now = current.get(name)
+                larger = [g for g in allowed if now is None or g > now]
+                if not larger:
+                    continue
+                before = info.plan.params_before if now is None else _params(info.plan, now)
+                tries.append((before - _params(info.plan, min(larger)), name, min(larger)))
+            changed = False
+            for saving, name, groups in sorted(tries, reverse=True):
+                if saving <= 0 or (name, groups) in self._failed:
+                    continue
+                trial = _with_groups(selection, name, groups)
+                built = self.backend.build(trial, {n: w for n, w in weights.items() if n != name})
+                info = built.sites.get(name)
+                if info is None:
+                    continue
+                x = _capture_rows(
+                    self.backend, built.model, self.fit, {name: info}, [info.x_rewritten],
+                    ROWS_PER_SITE,
+                )[name]  # fmt: skip
+                fitted = solve(info, info.plan, x, self.seed, self.x_fit[name])
+                self.backend.update(built, name, fitted)
+                outputs = self._compare(built.model)
+                held = self.targets.met(outputs)
+                self.say(
+                    f"{name} at {groups} groups: agreement {q.agreement(outputs)}, output "
+                    f"error {q.output_error(outputs):.3f}, {'kept' if held else 'undone'}"
+                )
+                if held:
+                    curve.append(self._point(built.report, outputs, []) | {"grown": name})
+                    selection, weights[name], changed = trial, fitted, True
+                    break  # the savings of the others change with this one: rank again
+                self._failed.add((name, groups))
+            if not changed:
+                return selection
 
     def _rank(self, selection, weights) -> list[tuple[str, float]]:
         """Each site's damage alone: the loss of agreement (or the output error) of the
@@ -487,6 +621,19 @@ class Calibration:
             )
             self.say(f"ranking {i}/{len(names)} {name}: damage alone {damage[name]:.4f}")
         return sorted(damage.items(), key=lambda kv: -kv[1])
+
+
+def _params(plan: SitePlan, groups: int) -> int:
+    return dataclasses.replace(plan, groups=groups).params_after
+
+
+def _with_groups(selection: Selection, name: str, groups: int) -> Selection:
+    """`selection` with site `name` rewritten at `groups` groups."""
+    return dataclasses.replace(
+        selection,
+        groups=tuple((n, g) for n, g in selection.groups if n != name) + ((name, groups),),
+        left=tuple((n, r) for n, r in selection.left if n != name),
+    )
 
 
 def check_runs(backend: Backend, samples: Samples) -> None:

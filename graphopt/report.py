@@ -257,6 +257,13 @@ def quality_lines(report: Report) -> list[str]:
             f"{worst.context_error:.3f}, last site {in_context[-1].context_error:.3f} (inside "
             f"the rewritten model, drift from upstream included; worst: {worst.name})"
         )
+    distill = getattr(quality, "distill", None) or {}
+    if distill:
+        lines.append(
+            f"  distilled {distill['steps']} steps in {distill['seconds']:.0f} s (sites only); "
+            f"before it {_share(distill['agreement_before'])}, relative error "
+            f"{distill['output_error_before']:.4f}"
+        )
     if len(quality.curve) > 1:
         first, last = quality.curve[0], quality.curve[-1]
         lines.append(

@@ -118,6 +118,26 @@ class KerasCalibration(RewriteOptions):
             parts.append(keras.tree.flatten(self._predict(model, feed)))
         return [np.concatenate(column) for column in zip(*parts)]
 
+    def distill(self, model, fit: Samples, held: Samples, options, seed: int):
+        from graphopt.finetune import finetune
+
+        epochs = options.passes(len(fit))
+        tuned, result = finetune(
+            self.original,
+            model,
+            fit,
+            epochs=epochs,
+            batch_size=options.batch_size,
+            lr=options.lr,
+            temperature=options.temperature,
+            train_only="sites",
+            strategy="one",
+            validation_data=held,
+            seed=seed,
+            verbose=0,
+        )
+        return tuned, sum(e.steps for e in result.history)
+
 
 def _step(layer) -> Step:
     if isinstance(layer, keras.layers.BatchNormalization):

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt.backends.onnx_build import constant_value
 from graphopt.backends.onnx_io import copy_fields
 from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
 from graphopt.data import Samples
+from graphopt.errors import UsageError
 from graphopt.plan import PAPER, Selection
 from graphopt.reconstruct import Step
 
@@ -100,6 +100,12 @@ class OnnxCalibration(RewriteOptions):
         for feed in samples.batches(BATCH):
             yield session.run(list(keys), feed)
 
+    def distill(self, model, fit: Samples, held: Samples, options, seed: int):
+        raise UsageError(
+            "--distill-steps trains the rewritten model, and pwgroup cannot train ONNX models "
+            "yet: calibrate without it, or rewrite the Keras model"
+        )
+
     def run(self, model, samples: Samples) -> list[np.ndarray]:
         session = self._session(model)
         names = self.output_names
@@ -154,12 +160,14 @@ def _step(node) -> Step | None:
     ops = keras.ops
     op = node.op
     if op == "BatchNormalization":
-        scale, shift, mean, var = (constant_value(t) for t in node.inputs[1:5])
+        scale, shift, mean, var = node.constants[1:5]
+        if any(v is None for v in (scale, shift, mean, var)):
+            return None
         eps = float(_attr(node, "epsilon", 1e-5))
         a = scale / np.sqrt(var + eps)
         return Step("affine", a.astype(np.float64), (shift - mean * a).astype(np.float64), eps)
     if op == "Clip":
-        bounds = [constant_value(t) if t.name else None for t in node.inputs[1:3]]
+        bounds = node.constants[1:3]
         low = bounds[0] if len(bounds) > 0 and bounds[0] is not None else _attr(node, "min", None)
         high = bounds[1] if len(bounds) > 1 and bounds[1] is not None else _attr(node, "max", None)
         low = -np.inf if low is None else float(low)

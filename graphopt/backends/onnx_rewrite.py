@@ -270,7 +270,7 @@ class _OnnxRewrite:
             final = (chain[-1] if chain else conv).outputs[0]
             kernel = constant_value(conv.inputs[1])
             self.found[label] = FoundSite(
-                conv.inputs[0].name, final.name, kernel, bias, conv.attrs, chain
+                conv.inputs[0].name, final.name, kernel, bias, conv.attrs, pulled(chain)
             )
         self.sites.append(plan)
         self.removed_weights.update(t.name for t in conv.inputs[1:] if isinstance(t, gs.Constant))
@@ -443,6 +443,24 @@ class FoundSite:
     params: dict = field(default_factory=dict)
     """"K", "L" (weight, bias) and "BN'" (scale, shift, mean, var): the names of the new
     weights in the rewritten model, filled in once they are made."""
+
+
+@dataclass(frozen=True)
+class PulledNode:
+    """A BN/activation node pulled into a site's branches, as it was before the rewrite took
+    it out of the graph (and cleared its inputs)."""
+
+    op: str
+    attrs: dict
+    constants: list
+    """Each input's constant value; None for a computed or absent input."""
+
+
+def pulled(chain) -> list[PulledNode]:
+    return [
+        PulledNode(n.op, dict(n.attrs), [constant_value(t) if t.name else None for t in n.inputs])
+        for n in chain
+    ]
 
 
 def _remove(graph, nodes) -> None:
