@@ -262,6 +262,15 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         help="the same for the outputs' relative L2 error",
     )
     p.add_argument(
+        "--scores",
+        action="append",
+        default=[],
+        metavar="OUTPUT",
+        help="this output holds class scores (compared by top-1 agreement), e.g. raw logits; "
+        "probabilities and log-probabilities on the last axis are found by themselves "
+        "(repeat for several outputs)",
+    )
+    p.add_argument(
         "--distill-steps",
         type=_non_negative,
         default=0,
@@ -415,6 +424,7 @@ def _run_one(graphopt, args, source: str, output: str | None):
             progress=_say if show else None,
             dense_sequences=args.dense_sequences,
             distill_steps=args.distill_steps,
+            scores=tuple(args.scores),
         )
     if kind == "onnx" and report.sites and not args.no_verify:
         import gc

@@ -54,6 +54,7 @@ def rewrite(
     dense_sequences: bool = False,
     factory=None,
     distill_steps: int = 0,
+    scores: tuple[str, ...] = (),
 ):
     """Replace the pointwise convs of a Keras model or onnx.ModelProto; return (new, report).
 
@@ -151,6 +152,7 @@ def rewrite(
         Quality,
         Targets,
         check_runs,
+        check_scores,
         measure,
         quiet,
     )
@@ -170,19 +172,20 @@ def rewrite(
         from graphopt.backends.onnx_calib import OnnxCalibration as Adapter
         from graphopt.backends.onnx_io import input_specs
     samples = load_samples(calibration, input_specs(model), preprocess=preprocess)
-    fit, held = samples.split(held_out, seed)
     adapter = Adapter(model, mode, min_channels_per_group, seed, name, dense_sequences)
-    check_runs(adapter, samples)
-    if not calibrating:
+    scores = check_scores(adapter, scores)
+    check_runs(adapter, samples, name)
+    if not calibrating:  # nothing is fitted: every sample measures
         new_model, report = backend(model, mode, min_channels_per_group, seed, name, selection)
         check_accounting(report)
-        outputs = measure(adapter, new_model, held)
-        report.quality = Quality(len(fit), len(held), False, outputs)
+        outputs = measure(adapter, new_model, samples, scores)
+        report.quality = Quality(0, len(samples), False, outputs)
         return new_model, report
+    fit, held = samples.split(held_out, seed)
     targets = Targets(min_agreement, max_output_error, max_site_error, groups == "auto")
     job = Calibration(
         adapter, fit, held, selection, min_channels_per_group, targets, progress or quiet, seed,
-        Distill(distill_steps),
+        Distill(distill_steps), scores,
     )  # fmt: skip
     new_model, report = job.run()
     check_accounting(report)

@@ -146,8 +146,9 @@ class Targets:
         if self.min_agreement is not None:
             if agreement is None:
                 raise UsageError(
-                    "--min-agreement needs an output that holds class scores; "
-                    "use --max-output-error for this model"
+                    "--min-agreement needs an output that holds class scores (probabilities "
+                    "or log-probabilities on its last axis): name one with --scores OUTPUT, or "
+                    "use --max-output-error"
                 )
             if agreement < self.min_agreement:
                 return False
@@ -311,6 +312,7 @@ class Calibration:
     say: Say = quiet
     seed: int = 0
     distill: Distill = field(default_factory=Distill)
+    scores: tuple[str, ...] = ()
 
     def run(self):
         """Calibrate; return (model, report) with the quality section filled in."""
@@ -377,7 +379,10 @@ class Calibration:
 
     def _compare(self, model) -> list[q.OutputQuality]:
         return q.compare(
-            self.backend.output_names, self.reference, self.backend.run(model, self.held_out)
+            self.backend.output_names,
+            self.reference,
+            self.backend.run(model, self.held_out),
+            self.scores,
         )
 
     def _point(self, report, outputs, left: list[str]) -> dict:
@@ -636,12 +641,13 @@ def _with_groups(selection: Selection, name: str, groups: int) -> Selection:
     )
 
 
-def check_runs(backend: Backend, samples: Samples) -> None:
+def check_runs(backend: Backend, samples: Samples, name: str | None = None) -> None:
     """Run the original on the first samples before anything else: a model that cannot run on
     the user's data (e.g. images kept at their own size where an open input needs multiples of
-    32) is a problem of the data, said in one line naming it."""
+    32) is a problem of the data, said in one line naming it; outputs that are not finite (a
+    NaN weight) are a problem of the model, which no rewrite can be measured against."""
     try:
-        backend.run(backend.original, samples.take(slice(0, 2)))
+        outputs = backend.run(backend.original, samples.take(slice(0, 2)))
     except GraphoptError:
         raise
     except Exception as exc:  # the runtime's own error, whatever its class
@@ -649,12 +655,31 @@ def check_runs(backend: Backend, samples: Samples) -> None:
             f"{samples.source}: the original model does not run on these samples: "
             f"{runtime_reason(exc)}"
         ) from None
+    for output, array in zip(backend.output_names, outputs):
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise InputError(
+                f"{name or 'the original model'}: its output '{output}' is NaN or infinite on "
+                f"the first samples of {samples.source}: check the model's weights"
+            )
 
 
-def measure(backend: Backend, model, held_out: Samples) -> list[q.OutputQuality]:
-    """Agreement of `model` with the backend's original on `held_out` (no fitting)."""
+def measure(backend: Backend, model, samples: Samples, scores=()) -> list[q.OutputQuality]:
+    """Agreement of `model` with the backend's original on `samples` (no fitting)."""
     return q.compare(
         backend.output_names,
-        backend.run(backend.original, held_out),
-        backend.run(model, held_out),
+        backend.run(backend.original, samples),
+        backend.run(model, samples),
+        tuple(scores),
     )
+
+
+def check_scores(backend: Backend, scores) -> tuple[str, ...]:
+    """The outputs named to hold class scores, each one of the model's."""
+    unknown = [s for s in scores if s not in backend.output_names]
+    if unknown:
+        raise UsageError(
+            f"--scores {unknown[0]}: the model has no such output (its outputs: "
+            f"{', '.join(backend.output_names)})"
+        )
+    return tuple(scores)

@@ -38,6 +38,10 @@ def runtime_reason(exc: BaseException, limit: int = 300) -> str:
     ("[[{{node ...}}]] [Op:...]"). A long line keeps its end, where onnxruntime says what
     went wrong after the source line of the check that failed."""
     lines = [line.strip() for line in str(exc).splitlines()]
+    if lines and lines[0].startswith("[ONNXRuntimeError]"):  # code : kind : what, over lines
+        lines[0] = lines[0].split(" : ")[-1]
+        words = [line for line in lines if line and not line.startswith("Please fix")]
+        lines = [" ".join(words)]
     own = [
         line
         for line in lines

@@ -1,8 +1,12 @@
 """How closely a rewritten model follows its original on the same inputs (SPEC "Agreement").
 
-An output whose last axis holds class scores (a 2-D output, or one whose last axis sums to 1,
-as after a softmax: classifiers, CTC sequences, per-position maps) is compared by top-1
-agreement per position; every output also by relative L2 error and cosine similarity.
+An output holds class scores when its last axis (2 entries or more) holds probabilities (no
+value below 0, each position summing to 1, as after a softmax) or log-probabilities (no value
+above 0, each position's exponentials summing to 1, as after a log-softmax: CTC recognisers),
+within 1e-3; or when the user names it (`scores`, the CLI's --scores). Raw logits cannot be
+told from other values (a 2-D regression output looks the same), so they count as class scores
+only when named. Such an output is compared by top-1 agreement per position; every output also
+by relative L2 error and cosine similarity.
 """
 
 from __future__ import annotations
@@ -36,17 +40,26 @@ class OutputQuality:
 
 
 def holds_scores(array: np.ndarray) -> bool:
-    """Class scores on the last axis: (N, classes) or a softmax along the last axis."""
+    """Probabilities or log-probabilities on the last axis (see the module)."""
     if array.ndim < 2 or array.shape[-1] < 2 or not np.issubdtype(array.dtype, np.floating):
         return False
-    if array.ndim == 2:
-        return True
-    sums = array.reshape(-1, array.shape[-1]).sum(-1)
-    return bool(np.all(array >= 0) and np.allclose(sums, 1.0, atol=1e-3))
+    rows = np.asarray(array, np.float64).reshape(-1, array.shape[-1])
+    if not np.all(np.isfinite(rows)):
+        return False
+    if rows.min() >= 0:
+        return bool(np.allclose(rows.sum(-1), 1.0, atol=1e-3))
+    if rows.max() <= 1e-6:
+        return bool(np.allclose(np.exp(rows).sum(-1), 1.0, atol=1e-3))
+    return False
 
 
-def compare(names: list[str], original: list[np.ndarray], rewritten: list[np.ndarray]):
-    """One OutputQuality per output."""
+def compare(
+    names: list[str],
+    original: list[np.ndarray],
+    rewritten: list[np.ndarray],
+    scores: tuple[str, ...] = (),
+):
+    """One OutputQuality per output; outputs named in `scores` hold class scores."""
     out = []
     for name, a, b in zip(names, original, rewritten):
         a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
@@ -54,7 +67,7 @@ def compare(names: list[str], original: list[np.ndarray], rewritten: list[np.nda
         rel = float(np.linalg.norm(a64 - b64)) / (norm_a or 1.0)
         cos = float(a64 @ b64) / ((norm_a * norm_b) or 1.0)
         agreement, positions = None, int(np.asarray(a).shape[0])
-        if holds_scores(np.asarray(a)):
+        if name in scores or holds_scores(np.asarray(a)):
             top_a = np.argmax(a, axis=-1).ravel()
             top_b = np.argmax(b, axis=-1).ravel()
             agreement, positions = float(np.mean(top_a == top_b)), int(top_a.size)

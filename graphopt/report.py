@@ -227,11 +227,14 @@ def quality_lines(report: Report) -> list[str]:
     quality = report.quality
     if quality is None:
         return []
-    what = "calibrated on" if quality.calibrated else "measured with"
-    lines = [
-        f"quality ({what} {quality.fit_samples} samples, figures on {quality.held_out_samples} "
-        "held-out samples):"
-    ]
+    if quality.calibrated:
+        head = (
+            f"quality (calibrated on {quality.fit_samples} samples, figures on "
+            f"{quality.held_out_samples} held-out samples):"
+        )
+    else:
+        head = f"quality (measured on {quality.held_out_samples} samples, nothing fitted):"
+    lines = [head]
     lines += few_held_out(quality.held_out_samples)
     for o in quality.outputs:
         top1 = "" if o.agreement is None else f"top-1 agreement {100 * o.agreement:.2f}%, "

@@ -394,3 +394,97 @@ def test_onnx_paper_calibration_with_a_separate_batchnorm_node():
         site.calibrated_on == "original" and site.l_norm_params == 4 * 64
     )  # ONNX counts mean and var too
     assert report.quality.output_error < 0.85 * measured.quality.output_error  # random W: hard
+
+
+def test_a_model_with_a_fixed_batch_is_calibrated_in_batches_it_accepts():
+    """PyTorch exports often fix the batch at 1 (ddddocr's detector): calibration fed batches
+    of 32 and said only "Please fix either the inputs/outputs or the model"."""
+    from fixtures.onnx_models import fixed_batch
+
+    rng = np.random.default_rng(0)
+    for batch in (1, 4):
+        model = fixed_batch(batch)
+        data = {"x": rng.normal(size=(41, 32, 6, 6)).astype(np.float32)}  # 41: a short last one
+        _, measured = graphopt.rewrite(model, mode="linear", calibration=data, calibrate=False)
+        new, report = graphopt.rewrite(model, mode="linear", calibration=data)
+        assert measured.quality.held_out_samples == 41  # --measure: every sample measures
+        assert report.quality.held_out_samples == 10 and report.quality.agreement is not None
+        assert report.quality.output_error < measured.quality.output_error
+        assert all(s.site_error is not None for s in report.sites)
+
+
+def test_onnxruntime_says_why_it_refuses_a_feed():
+    from graphopt.errors import runtime_reason
+
+    message = (
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x for "
+        "the following indices\n index: 0 Got: 2 Expected: 1\n Please fix either the "
+        "inputs/outputs or the model."
+    )
+    assert runtime_reason(RuntimeError(message)) == (
+        "Got invalid dimensions for input: x for the following indices index: 0 Got: 2 Expected: 1"
+    )
+
+
+@pytest.mark.parametrize("log_softmax", [True, False])
+def test_time_first_outputs_are_joined_on_their_batch_axis(log_softmax):
+    """A CTC head exported from PyTorch gives (T, N, classes): the batches were joined on axis 0
+    (a crash: "all the input array dimensions except for the concatenation axis must match").
+    Its log-probabilities are class scores by their values; raw logits only when named."""
+    from fixtures.onnx_models import time_first
+    from graphopt.backends.onnx_calib import OnnxCalibration
+    from graphopt.backends.onnx_io import input_specs
+    from graphopt.data import load_samples
+
+    model = time_first(log_softmax)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(40, 32, 1, 20)).astype(np.float32)}
+    adapter = OnnxCalibration(model, "linear", 16)
+    (scores,) = adapter.run(model, load_samples(data, input_specs(model)))
+    assert scores.shape == (20, 40, 12)
+    kwargs = dict(mode="linear", calibration=data, min_agreement=0.5)
+    if not log_softmax:
+        with pytest.raises(UsageError, match="--scores OUTPUT"):
+            graphopt.rewrite(model, **kwargs)
+        kwargs["scores"] = ("y",)
+    _, report = graphopt.rewrite(model, **kwargs)
+    (output,) = report.quality.outputs
+    assert output.agreement >= 0.5 and output.positions == 20 * 10
+    with pytest.raises(UsageError, match="no such output"):
+        graphopt.rewrite(model, mode="linear", calibration=data, scores=("logits",))
+
+
+def test_class_scores_are_told_by_their_values():
+    from graphopt.quality import holds_scores
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 5, 10))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert holds_scores(probs) and holds_scores(np.log(probs))
+    assert holds_scores(probs[:, 0].astype(np.float32))
+    assert not holds_scores(logits) and not holds_scores(logits[:, 0])  # a 2-D regression too
+    assert not holds_scores(probs[..., :1]) and not holds_scores(np.full((4, 3), np.nan))
+
+
+def test_an_original_whose_outputs_are_not_finite_is_refused_in_one_line(tmp_path):
+    """A NaN weight outside the sites: the rewrite cannot be measured against the original
+    (it was reported as an internal error, a bug of pwgroup, exit 1)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from fixtures.onnx_models import fixed_batch
+
+    model = fixed_batch(1)
+    weights = {t.name: t for t in model.graph.initializer}
+    w2 = numpy_helper.to_array(weights["W2"]).copy()
+    w2[0, 0] = np.nan
+    weights["W2"].CopyFrom(numpy_helper.from_array(w2, "W2"))
+    onnx.save(model, tmp_path / "nan.onnx")
+    np.save(tmp_path / "x.npy", np.ones((8, 32, 6, 6), np.float32))
+    out = tmp_path / "out.onnx"
+    args = ("rewrite", str(tmp_path / "nan.onnx"), "--exclude", "pw2", "-o", str(out))
+    result = run_pwgroup(*args, "--calibrate", str(tmp_path / "x.npy"))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "nan.onnx: its output 'y' is NaN or infinite" in line
+    assert not out.exists()

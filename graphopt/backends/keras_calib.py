@@ -25,7 +25,7 @@ class KerasCalibration(RewriteOptions):
 
     @property
     def output_names(self) -> list[str]:
-        return [t.name for t in self.original.outputs]
+        return list(self.original.output_names)  # the layers' names, as the user knows them
 
     def build(self, selection: Selection, weights) -> Built:
         from graphopt.api import _rewrite_keras

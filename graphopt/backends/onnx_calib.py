@@ -23,6 +23,7 @@ class OnnxCalibration(RewriteOptions):
     original: onnx.ModelProto
     provider: str = "CPUExecutionProvider"
     _last: tuple | None = field(default=None, repr=False)
+    _axes: list[int] | None = field(default=None, repr=False)
 
     @property
     def output_names(self) -> list[str]:
@@ -92,13 +93,46 @@ class OnnxCalibration(RewriteOptions):
             providers=[p for p in dict.fromkeys(providers) if p in available],
         )
 
+    @property
+    def batch(self) -> int | None:
+        """The batch the graph fixes (PyTorch exports often fix 1), else None."""
+        for value in self.original.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+        return None
+
+    def _feeds(self, samples: Samples):
+        """(feed, samples in it): batches of BATCH, or of the graph's fixed batch with the
+        last one padded by repeating its last sample (the padding is cut off again)."""
+        size = self.batch or BATCH
+        for feed in samples.batches(size):
+            count = len(next(iter(feed.values())))
+            if self.batch and count < size:
+                feed = {k: np.concatenate([v, np.repeat(v[-1:], size - count, 0)]) for k, v in feed.items()}  # fmt: skip
+            yield feed, count
+
     def capture(self, model, samples: Samples, keys: list):
         key = (id(model), tuple(keys))  # the fit and held-out passes share one session
         if self._last is None or self._last[0] != key:
             self._last = (key, self._session(model, keys), model)
         session = self._last[1]
-        for feed in samples.batches(BATCH):
-            yield session.run(list(keys), feed)
+        for feed, count in self._feeds(samples):  # a site's input: samples on axis 0
+            yield [a[:count] for a in session.run(list(keys), feed)]
+
+    def _batch_axes(self, session, samples: Samples) -> list[int]:
+        """The axis of each output that holds the samples: 0 for most models, 1 for
+        time-first sequences (CTC recognisers exported from PyTorch give (T, N, classes)).
+        Found by running one and two samples where the batch is open."""
+        if self.batch is not None or len(samples) < 2:
+            return [0] * len(self.output_names)
+        one = session.run(self.output_names, next(samples.take(slice(0, 1)).batches(1)))
+        two = session.run(self.output_names, next(samples.take(slice(0, 2)).batches(2)))
+        axes = []
+        for a, b in zip(one, two):
+            grown = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if (m, n) == (1, 2)]
+            axes.append(grown[0] if grown else 0)
+        return axes
 
     def distill(self, model, fit: Samples, held: Samples, options, seed: int):
         raise UsageError(
@@ -108,9 +142,19 @@ class OnnxCalibration(RewriteOptions):
 
     def run(self, model, samples: Samples) -> list[np.ndarray]:
         session = self._session(model)
-        names = self.output_names
-        parts = [session.run(names, feed) for feed in samples.batches(BATCH)]
-        return [np.concatenate(column) for column in zip(*parts)]
+        if self._axes is None:
+            self._axes = self._batch_axes(session, samples)
+        names, parts = self.output_names, []
+        for feed, count in self._feeds(samples):
+            outputs = session.run(names, feed)
+            parts.append([_take(o, ax, count) for o, ax in zip(outputs, self._axes)])
+        return [np.concatenate(c, axis=ax) for c, ax in zip(zip(*parts), self._axes)]
+
+
+def _take(array: np.ndarray, axis: int, count: int) -> np.ndarray:
+    if array.ndim <= axis or array.shape[axis] == count:
+        return array
+    return np.take(array, np.arange(count), axis=axis)
 
 
 def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
