@@ -344,6 +344,27 @@ def _precheck(source: str) -> str | None:
     return None
 
 
+def _output_targets(args) -> list[str]:
+    """Every file this command will write: the model (-o) and each report file."""
+    wanted = [getattr(args, a, None) for a in ("output", "json", "markdown", "html")]
+    return [path for path in wanted if path]
+
+
+def _unwritable(path: str) -> str | None:
+    """Why `path` cannot be written (None when it can), found before any work is done, so that
+    a report file in a missing folder does not fail the run after the model was written."""
+    if os.path.isdir(path):
+        return f"{path}: is a folder; name a file to write"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        return f"{path}: folder {folder} does not exist; create it or name another file"
+    if not os.path.isdir(folder):
+        return f"{path}: {folder} is a file, not a folder; name another file"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{path}: folder {folder} is not writable; name another file"
+    return None
+
+
 def _default_output(source: str, kind: str) -> str:
     stem = (
         source.split(":", 1)[1]
@@ -461,9 +482,6 @@ def _precheck_finetune(args) -> str | None:
             return f"{path}: no such file or folder"
     if not args.output.endswith(".keras"):
         return f"{args.output}: the fine-tuned model is saved as .keras; name the output *.keras"
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        return f"{args.output}: folder {folder} does not exist"
     for source in args.model:
         if os.path.exists(args.output) and os.path.samefile(source, args.output):
             return f"{args.output}: refusing to overwrite the input model"
@@ -610,6 +628,9 @@ def _main(args) -> int:
             return _fail(problem)
     if args.command == "finetune" and (problem := _precheck_finetune(args)):
         return _fail(problem)
+    for path in _output_targets(args):
+        if problem := _unwritable(path):
+            return _fail(problem)
     import graphopt  # its import keeps TensorFlow's C++ runtime off stderr
 
     if not args.debug:  # TensorFlow's advice on retracing (calibration runs many sub-models)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
+import onnx
 import pytest
 
-from tests.conftest import file_bytes, run_pwgroup
+from fixtures import onnx_models
+from tests.conftest import REPO, file_bytes, run_pwgroup
 
 SITE_KEYS = {
     "name",
@@ -165,3 +169,38 @@ def test_usage_errors_exit_2():
     proc = run_pwgroup("rewrite", "x.keras", "--mode", "fast")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert run_pwgroup("report", "x.keras", "--min-channels-per-group", "0").returncode == 2
+
+
+def _unwritable_targets(tmp_path):
+    """A path under a missing folder and one under a regular file (root writes anywhere else)."""
+    (tmp_path / "plain").write_text("a file, not a folder")
+    return [tmp_path / "missing" / "r.out", tmp_path / "plain" / "r.out"]
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown", "--html"])
+def test_unwritable_report_file_is_refused_before_the_model_is_written(tmp_path, flag):
+    """Issue 24 (6): the run failed only after the model was written, naming a temp file."""
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx_models.pytorch_style(), str(src))
+    for target in _unwritable_targets(tmp_path):
+        proc = run_pwgroup("rewrite", str(src), "-o", str(tmp_path / "o.onnx"), flag, str(target))
+        err = _one_line_error(proc)
+        assert err.startswith(f"pwgroup: {target}: ") and ".tmp" not in err
+        assert sorted(os.listdir(tmp_path)) == ["m.onnx", "plain"]
+
+
+def test_unwritable_output_is_refused_before_tensorflow_is_loaded(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx_models.pytorch_style(), str(src))
+    script = "import sys, cli; print(cli.main(sys.argv[1:]), 'tensorflow' in sys.modules)"
+    for target in _unwritable_targets(tmp_path):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, "rewrite", str(src), "-o", str(target)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
+        assert proc.stdout.split() == ["2", "False"], proc.stderr
+        assert proc.stderr.startswith(f"pwgroup: {target}: ") and proc.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "plain"]
