@@ -17,13 +17,32 @@ EXIT_OK, EXIT_BELOW_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BUG = 1  # a failed internal check; shares 1 with --fail-under, as CI treats both as failures
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error is (the full usage is in --help)."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+    """The top level's subcommand parsers by name (set by _parser)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"pwgroup: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """An unknown option points to its command's --help, where the options are."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self.commands.get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pwgroup",
         description="Replace the pointwise convolutions of a Keras or ONNX model with kEffNet's "
         "grouped sub-architecture and report the savings.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     rewrite = sub.add_parser("rewrite", help="rewrite a model, save it and print the report")
     rewrite.add_argument("model", help=".keras, .h5 or .onnx file, or keras.applications:Name")
     rewrite.add_argument(
@@ -246,7 +265,8 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         "--max-site-error",
         type=float,
         metavar="E",
-        help="--groups auto: bound on a site's held-out relative error (default 0.1)",
+        help="--groups auto: bound on a site's held-out relative error (default: the loosest "
+        "bound at which the targets hold; 0.1 without targets)",
     )
     p.add_argument(
         "--min-agreement",
@@ -282,16 +302,16 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a non-negative integer")
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, not '{text}'")
     return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not '{text}'")
     return value
 
 

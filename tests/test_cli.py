@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,3 +205,35 @@ def test_unwritable_output_is_refused_before_tensorflow_is_loaded(tmp_path):
         assert proc.stdout.split() == ["2", "False"], proc.stderr
         assert proc.stderr.startswith(f"pwgroup: {target}: ") and proc.stderr.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "plain"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["rewrite", "x.keras", "--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+        (["report", "x.keras", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["report", "x.keras", "--min-channels-per-group", "0"], "must be a positive integer"),
+        (
+            ["finetune", "a.keras", "b.keras", "--data", "d", "-o", "o.keras", "--epochs", "x"],
+            "argument --epochs: must be a positive integer, not 'x'",
+        ),
+        (["rewrite"], "the following arguments are required: model"),
+        (["export", "m.keras"], "the following arguments are required: -o/--output"),
+    ],
+)
+def test_usage_errors_are_one_line(args, needle):
+    """Issue 24 (8): argparse printed a 15-line usage block before its error."""
+    err = _one_line_error(run_pwgroup(*args))
+    assert err.startswith("pwgroup: error: ") and needle in err
+    assert err.endswith(f"(see pwgroup {args[0]} --help)")
+
+
+def test_help_of_max_site_error_states_the_default_the_readme_does():
+    from graphopt.calibrate import DEFAULT_SITE_ERROR
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        row = next(line for line in f if line.startswith("| `--max-site-error"))
+    default = re.search(r"\(default: [^)]*\)", row).group(0)
+    assert f"; {DEFAULT_SITE_ERROR:g} without targets)" in default
+    for command in ("rewrite", "report"):
+        assert default in " ".join(run_pwgroup(command, "--help").stdout.split())
