@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 
 from graphopt.plan import SitePlan, Skipped
@@ -22,6 +23,11 @@ def _pct(before: int | None, after: int | None) -> float:
     if not before or after is None:
         return 0.0
     return round(100.0 * (before - after) / before, 2)
+
+
+def _saved(before: int | None, after: int | None) -> float | None:
+    """The saving a renderer shows: None (printed as a dash) where a count is unknown."""
+    return None if before is None or after is None else _pct(before, after)
 
 
 @dataclass
@@ -69,8 +75,9 @@ class Report:
     def site_macs_after(self) -> int | None:
         return _sum_or_none(s.macs_after for s in self.sites)
 
-    def totals_rows(self) -> list[tuple[str, int | None, int | None, float]]:
-        """(label, before, after, saved %) of the totals block every renderer shows."""
+    def totals_rows(self) -> list[tuple[str, int | None, int | None, float | None]]:
+        """(label, before, after, saved %) of the totals block every renderer shows; None
+        where a count is unknown (dynamic shapes, a file not measured)."""
         t = self.totals
         return [
             ("parameters", t.params_before, t.params_after, t.params_reduction_pct),
@@ -84,13 +91,13 @@ class Report:
                 "pointwise MACs",
                 self.site_macs_before,
                 self.site_macs_after,
-                _pct(self.site_macs_before, self.site_macs_after),
+                _saved(self.site_macs_before, self.site_macs_after),
             ),
             (
                 "file size (bytes)",
                 t.file_size_before,
                 t.file_size_after,
-                _pct(t.file_size_before, t.file_size_after),
+                _saved(t.file_size_before, t.file_size_after),
             ),
         ]
 
@@ -162,8 +169,16 @@ def shorten(name: str, width: int) -> str:
     return name[:head] + "…" + name[-tail:]
 
 
-def shorten_end(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def wrap(line: str, width: int) -> list[str]:
+    """A line too long for the terminal over several, broken between words, so that no
+    figure is cut off; the lines after the first are indented under it."""
+    indent = " " * (len(line) - len(line.lstrip()) + 2)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
+
+
+def percent(pct: float | None) -> str:
+    """A saving as the tables print it; a dash where it is unknown."""
+    return "-" if pct is None else f"{pct:.2f}%"
 
 
 _COLUMNS = ("Cin", "F", "N", "step", "L", "params", "after", "MACs", "after")
@@ -266,6 +281,11 @@ def quality_lines(report: Report) -> list[str]:
             f"  distilled {distill['steps']} steps in {distill['seconds']:.0f} s (sites only); "
             f"before it {_share(distill['agreement_before'])}, relative error "
             f"{distill['output_error_before']:.4f}"
+            + (
+                "; it made them worse: calibrated weights kept"
+                if distill["kept_calibrated"]
+                else ""
+            )
         )
     if len(quality.curve) > 1:
         first, last = quality.curve[0], quality.curve[-1]
@@ -304,28 +324,32 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
         lines.append(shorten(s.name, name_width).ljust(name_width) + " " + cells)
     if not report.sites:
         lines.append("(no pointwise convolution could be grouped)")
-    if kinds and any(s.kind in ("separable", "matmul") for s in report.sites):
-        lines.append(shorten_end(KIND_NOTE, width))
-    folded = sum(s.runs_folded for s in report.sites)
-    if folded:
-        lines.append(shorten_end("* " + FOLDED_NOTE.format(n=folded), width))
-    grow = sum(not s.saves for s in report.sites)
-    if grow:
-        lines.append(shorten_end("! " + NO_SAVING_NOTE.format(n=grow), width))
-    fit = fit_summary(report)
-    if fit:
-        lines.append(shorten_end(fit, width))
-    lines += [shorten_end(line, width) for line in quality_lines(report)]
+    lines += [part for line in _notes(report, kinds) for part in wrap(line, width)]
     if report.skipped:
         lines.append(f"skipped {len(report.skipped)}:")
         for sk in report.skipped:
-            lines.append(shorten_end(f"  {shorten(sk.name, 30)}: {sk.reason}", width))
+            lines += wrap(f"  {shorten(sk.name, 30)}: {sk.reason}", width)
     lines.append("")
     lines += _totals_lines(report, color)
     timing = latency_summary(report)
     if timing:
         lines.append(timing)  # not shortened: the figures are the point
     return "\n".join(lines) + "\n"
+
+
+def _notes(report: Report, kinds: bool) -> list[str]:
+    """The lines under the site table: what its marks mean, the fit, the quality."""
+    lines = []
+    if kinds and any(s.kind in ("separable", "matmul") for s in report.sites):
+        lines.append(KIND_NOTE)
+    folded = sum(s.runs_folded for s in report.sites)
+    if folded:
+        lines.append("* " + FOLDED_NOTE.format(n=folded))
+    grow = sum(not s.saves for s in report.sites)
+    if grow:
+        lines.append("! " + NO_SAVING_NOTE.format(n=grow))
+    fit = fit_summary(report)
+    return lines + ([fit] if fit else []) + quality_lines(report)
 
 
 def _totals_lines(report: Report, color: bool = False) -> list[str]:
@@ -335,7 +359,7 @@ def _totals_lines(report: Report, color: bool = False) -> list[str]:
     for label, before, after, pct in rows:
         b = "-" if before is None else f"{before:,}"
         a = "-" if after is None else f"{after:,}"
-        out.append(f"{label:22}{b:>15}{a:>15}{pct:>8.2f}%")
+        out.append(f"{label:22}{b:>15}{a:>15}{percent(pct):>9}")
     pct = _paint(change(t.reduction_pct), "1;32" if t.reduction_pct > 0 else "1;33", color)
     out.append(
         f"{len(report.sites)} sites rewritten, {len(report.skipped)} skipped; "
@@ -359,7 +383,7 @@ def render_markdown(report: Report) -> str:
     for label, before, after, pct in report.totals_rows():
         b = "–" if before is None else f"{before:,}"
         a = "–" if after is None else f"{after:,}"
-        lines.append(f"| {label} | {b} | {a} | {pct:.2f}% |")
+        lines.append(f"| {label} | {b} | {a} | {'–' if pct is None else percent(pct)} |")
     timing = latency_summary(report)
     if timing:
         lines += ["", timing.replace("->", "→")]

@@ -7,7 +7,7 @@ import base64
 import html
 import io
 
-from graphopt.report import Report, change, human, quality_lines
+from graphopt.report import Report, change, human, percent, quality_lines
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
@@ -50,7 +50,8 @@ def chart_png(report: Report) -> bytes | None:
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
     ax.set_title("Parameters per site")
-    ax.legend(loc="lower right")
+    # outside the plot, right of it: inside, it hid the longest bars (issue 24)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -160,7 +161,7 @@ def _section(report: Report) -> str:
                     label,
                     "–" if before is None else before,
                     "–" if after is None else after,
-                    f"{pct:.2f}%",
+                    "–" if pct is None else percent(pct),
                 ]
             )
         )

@@ -248,3 +248,82 @@ def test_a_model_that_grows_is_never_called_reduced_and_fails_fail_under(tmp_pat
     assert cli.main(["report", str(src), "--quiet", "--fail-under", "-50"]) == 1
     err = capsys.readouterr().err
     assert f"grew by {pct}" in err and "reduced by" not in err
+
+
+def _calibrated(report):
+    """`report` as a calibration leaves it: long site names, errors and a long skip reason."""
+    import dataclasses
+
+    from graphopt.calibrate import Quality
+    from graphopt.plan import Skipped
+    from graphopt.quality import OutputQuality
+
+    long = "encoder/stage_4/block_17/expand_pointwise_conv"
+    report = dataclasses.replace(report)
+    report.sites = [
+        dataclasses.replace(s, name=f"{long}_{i}", site_error=0.0123 * i, context_error=0.2345 * i)
+        for i, s in enumerate(report.sites, 1)
+    ]
+    report.skipped = [
+        Skipped(
+            f"{long}_9",
+            "no group count keeps the site error within 0.05 (best 0.123; --groups auto)",
+        )
+    ]
+    output = OutputQuality("classifier/probabilities/softmax_output", 0.987654, 0.0456, 0.9989, 8)
+    report.quality = Quality(600, 200, True, [output])
+    return report
+
+
+def test_text_wraps_long_quality_and_skip_lines_keeping_every_figure(reports):
+    """Issue 24 (9): at 80 columns these lines were cut, their figures and the worst site's
+    name lost behind a '…'."""
+    from graphopt.report import quality_lines
+
+    report = _calibrated(reports["onnx"])
+    text = report.to_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "  encoder/stage_…ointwise_conv_9: no group count" in text  # the name shortened
+    joined = " ".join(text.split())
+    lines = quality_lines(report) + [report.skipped[0].reason]
+    assert any(len(line) > 80 for line in lines)
+    for line in lines:
+        assert " ".join(line.split()) in joined
+    assert "in context 0.234 to 0.704, last site 0.704" in joined
+    assert "worst: encoder/stage_4/block_17/expand_pointwise_conv_3)" in joined
+
+
+def test_unknown_counts_print_a_dash_not_a_zero_saving(reports):
+    """Issue 24 (9): MACs of dynamic shapes printed '- - 0.00%'; a file not measured too."""
+    report = reports["onnx"]  # dynamic spatial dims: no site's MACs are known
+    assert report.site_macs_before is None
+    (macs,) = [ln for ln in report.to_text().splitlines() if ln.startswith("pointwise MACs")]
+    assert macs.split() == ["pointwise", "MACs", "-", "-", "-"]
+    md = report.to_markdown()
+    assert "| pointwise MACs | – | – | – |" in md and "| file size (bytes) | – | – | – |" in md
+    page = render_html([report])
+    assert "<tr><td>pointwise MACs</td><td>–</td><td>–</td><td>–</td></tr>" in page
+    assert "0.00%" not in report.to_text() + md + page
+
+
+def test_html_chart_legend_covers_no_bar(reports, monkeypatch):
+    """Issue 24 (9): the legend sat inside the plot, over the longest bar."""
+    from matplotlib.figure import Figure
+
+    laid_out, save = [], Figure.savefig
+
+    def measuring(fig, *args, **kwargs):
+        out = save(fig, *args, **kwargs)
+        renderer, ax = fig.canvas.get_renderer(), fig.axes[0]
+        legend = ax.get_legend().get_window_extent(renderer)
+        bars = [bar.get_window_extent(renderer) for bar in ax.patches]
+        laid_out.append((legend, bars, fig.bbox))
+        return out
+
+    monkeypatch.setattr(Figure, "savefig", measuring)
+    for report in reports.values():
+        render_html([report])
+    assert len(laid_out) == 2
+    for legend, bars, page in laid_out:
+        assert len(bars) == 6 and not any(legend.overlaps(bar) for bar in bars)
+        assert page.x0 <= legend.x0 and legend.x1 <= page.x1  # and it is not cut off
