@@ -125,7 +125,8 @@ class Backend(Protocol):
     def distill(self, model, fit: Samples, held: Samples, options: Distill, seed: int):
         """A copy of `model` with its sites trained to reproduce the original's outputs on
         `fit` (`held` to measure on), and BatchNormalization statistics re-estimated only
-        where weights changed; returns (model, steps run)."""
+        where weights changed; returns (model, steps run, whether the training made it worse
+        on `held` so that the model given is returned)."""
         ...
 
 
@@ -362,16 +363,20 @@ class Calibration:
         before = self._compare(model)
         start = time.monotonic()
         self.say(f"distilling the calibrated rewrite on {len(self.fit)} samples")
-        model, steps = self.backend.distill(model, self.fit, self.held_out, self.distill, self.seed)
+        model, steps, kept = self.backend.distill(
+            model, self.fit, self.held_out, self.distill, self.seed
+        )
         outputs = self._compare(model)
         self.distilled = {
             "steps": steps,
+            "kept_calibrated": kept,
             "seconds": round(time.monotonic() - start, 1),
             "agreement_before": q.agreement(before),
             "output_error_before": q.output_error(before),
         }
         self.say(
-            f"distilled {steps} steps: agreement {q.agreement(before)} -> "
+            f"distilled {steps} steps{' (worse: the calibrated weights are kept)' * kept}: "
+            f"agreement {q.agreement(before)} -> "
             f"{q.agreement(outputs)}, output error {q.output_error(before):.3f} -> "
             f"{q.output_error(outputs):.3f}"
         )

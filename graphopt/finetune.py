@@ -85,6 +85,11 @@ class FinetuneResult:
     before: Evaluation
     after: Evaluation
     history: list[Epoch] = field(default_factory=list)
+    bn_reestimated: int = 0
+    """BatchNormalizations whose statistics were estimated again (those downstream of weights
+    that changed)."""
+    kept_start: bool = False
+    """The closing figure was worse than the starting one: the starting weights are kept."""
     resumed_at: int | None = None
     seconds: float = 0.0
     chief: bool = True  # only the chief (worker 0) writes the model
@@ -117,6 +122,11 @@ class FinetuneResult:
             lines.append(f"  original: accuracy {100 * self.teacher_eval.accuracy:.2f}%")
         lines.append(f"  before:   {self.before.text()}")
         lines.append(f"  after:    {self.after.text()}")
+        if self.kept_start:
+            lines.append(
+                "  fine-tuning made the student worse on the held-out samples: the starting "
+                "weights are kept (the figures above are those of the trained weights)"
+            )
         lines.append(f"  {self.seconds:.0f} s")
         return "\n".join(lines) + "\n"
 
@@ -156,6 +166,11 @@ def check_pair(teacher, student, teacher_name: str, student_name: str) -> None:
         raise InputError(
             f"{student_name}: not a rewrite of {teacher_name} (layer '{layer.name}' of the "
             "original is missing or has other weights)"
+        )
+    if not any(isinstance(layer, GroupedPointwiseConv) for layer in mine.values()):
+        raise InputError(
+            f"{student_name}: no site of it was rewritten (it has no K or L layers), so there "
+            f"is nothing to fine-tune: give the output of pwgroup rewrite {teacher_name}"
         )
 
 
@@ -323,6 +338,7 @@ def finetune(
     on_epoch: Callable[[Epoch], None] | None = None,
     teacher_name: str | None = None,
     student_name: str | None = None,
+    bn_reestimate: bool = True,
 ):
     """Distil `teacher` into `student` (a rewrite of it) on `data`; return (model, result).
 
@@ -337,6 +353,10 @@ def finetune(
     resumes after its last finished epoch, one with other options is refused (UsageError; see
     `graphopt.checkpoint` for what counts as the same models and data). `verbose`: "auto"
     (Keras' progress bar on a terminal, one line per epoch otherwise), 0 or 1.
+    `bn_reestimate`: estimate again the statistics of the trainable BatchNormalizations at or
+    after the first weight that changed (the others keep the student's). When the closing
+    figure is worse than the student's own, the student's weights are returned
+    (`result.kept_start`).
     """
     import keras
 
@@ -417,10 +437,16 @@ def finetune(
     bn_batches = list(setup.train.take(slice(0, bn_samples)).batches(min(batch_size, 256)))
     bn_batches = [b if len(b) > 1 else next(iter(b.values())) for b in bn_batches]
 
+    reestimated = [0]
+
     def settle() -> Evaluation:
-        """The trained weights in `final`, statistics re-estimated, evaluated."""
+        """The trained weights in `final`, statistics re-estimated where weights changed,
+        evaluated."""
         final.set_weights(trainee.get_weights())
-        kd.reestimate_batchnorm(final, bn_batches)
+        if bn_reestimate:
+            again, kept = kd.changed_norms(final, student)
+            kd.keep_statistics(kept, student)
+            reestimated[0] = kd.reestimate_batchnorm(final, bn_batches, again)
         outputs = kd.predict(final, held_x)
         return evaluate(outputs, setup.held_targets, setup.kinds, setup.held_labels, setup.labelled)
 
@@ -439,6 +465,9 @@ def finetune(
         warnings.simplefilter("ignore", UserWarning)
         distiller.fit(dataset, epochs=epochs, verbose=keras_verbose, callbacks=callbacks)
     after = log.last if log.last_epoch == epochs else settle()
+    kept_start = _worse(after, before)
+    if kept_start:
+        final.set_weights(student.get_weights())
     result = FinetuneResult(
         teacher=teacher_name,
         student=student_name,
@@ -460,12 +489,23 @@ def finetune(
         before=before,
         after=after,
         history=log.history,
+        bn_reestimated=reestimated[0],
+        kept_start=kept_start,
         resumed_at=(resumed_at + 1) if resumed_at else None,
         seconds=time.monotonic() - start,
         chief=chief,
         checkpoint=folder,
     )
     return final, result
+
+
+def _worse(after: Evaluation, before: Evaluation) -> bool:
+    """Accuracy first (labels), then agreement, then relative error: is `after` worse?"""
+    for name, sign in (("accuracy", 1), ("agreement", 1), ("relative_error", -1)):
+        a, b = getattr(after, name), getattr(before, name)
+        if a is not None and b is not None:
+            return sign * (a - b) < 0
+    return False
 
 
 def _check_options(epochs, batch_size, lr, temperature, alpha, train_only) -> None:

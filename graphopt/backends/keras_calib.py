@@ -136,7 +136,7 @@ class KerasCalibration(RewriteOptions):
             seed=seed,
             verbose=0,
         )
-        return tuned, sum(e.steps for e in result.history)
+        return tuned, sum(e.steps for e in result.history), result.kept_start
 
 
 def _step(layer) -> Step:

@@ -249,18 +249,20 @@ def predict(model, inputs, batch_size: int = 256) -> list[np.ndarray]:
 # ---- BatchNormalization statistics -----------------------------------------------------------
 
 
-def reestimate_batchnorm(model, batches) -> int:
-    """Set every trainable BatchNormalization's moving mean and variance to the average of its
-    batch statistics over `batches` (the weights are left as they are); return how many.
+def reestimate_batchnorm(model, batches, norms=None) -> int:
+    """Set the moving mean and variance of `norms` (by default every trainable
+    BatchNormalization) to the average of their batch statistics over `batches` (the weights
+    are left as they are); return how many.
 
     Training moves the new weights so fast that the moving averages (momentum 0.99) lag far
     behind them; statistics taken afresh from the data fix the model in inference mode.
     """
-    norms = [
-        layer
-        for layer in all_layers(model)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    if norms is None:
+        norms = [
+            layer
+            for layer in all_layers(model)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+        ]
     if not norms:
         return 0
     momenta = [layer.momentum for layer in norms]
@@ -273,6 +275,44 @@ def reestimate_batchnorm(model, batches) -> int:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum
     return len(norms)
+
+
+CHANGE_TOLERANCE = 1e-6
+"""A weight counts as changed when it moved by more than this, relative to its largest entry
+(float32 resolution is ~1e-7: `--lr 1e-12` changes nothing)."""
+
+
+def _moved(new: np.ndarray, old: np.ndarray) -> bool:
+    scale = float(np.max(np.abs(old))) if old.size else 0.0
+    return bool(old.size and np.max(np.abs(new - old)) > CHANGE_TOLERANCE * (scale or 1.0))
+
+
+def changed_norms(model, start) -> tuple[list, list]:
+    """(BatchNormalizations whose statistics must be estimated again, those whose statistics
+    stay as in `start`): of the trainable ones, those at or after the first layer (in the
+    model's topological order) whose trainable weights moved away from `start`'s, and the rest.
+    Moving statistics are not trainable weights: training itself updates them."""
+    before = {w.path: w.numpy() for w in start.weights}
+    moved_yet = False
+    again, kept = [], []
+    for layer in all_layers(model):
+        if isinstance(layer, keras.Model):
+            continue
+        moved_yet = moved_yet or any(
+            w.path in before and _moved(w.numpy(), before[w.path]) for w in layer.trainable_weights
+        )
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            (again if moved_yet else kept).append(layer)
+    return again, kept
+
+
+def keep_statistics(norms, start) -> None:
+    """Put `start`'s moving statistics back into `norms` (layers matched by weight path)."""
+    before = {w.path: w for w in start.weights}
+    for layer in norms:
+        for w in layer.non_trainable_weights:
+            if w.path in before:
+                w.assign(before[w.path].numpy())
 
 
 def remove_checkpoint(folder: str | None) -> None:

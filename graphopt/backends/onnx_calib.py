@@ -109,7 +109,7 @@ class OnnxCalibration(RewriteOptions):
         for feed in samples.batches(size):
             count = len(next(iter(feed.values())))
             if self.batch and count < size:
-                feed = {k: np.concatenate([v, np.repeat(v[-1:], size - count, 0)]) for k, v in feed.items()}  # fmt: skip
+                feed = {k: _padded(v, size) for k, v in feed.items()}
             yield feed, count
 
     def capture(self, model, samples: Samples, keys: list):
@@ -149,6 +149,10 @@ class OnnxCalibration(RewriteOptions):
             outputs = session.run(names, feed)
             parts.append([_take(o, ax, count) for o, ax in zip(outputs, self._axes)])
         return [np.concatenate(c, axis=ax) for c, ax in zip(zip(*parts), self._axes)]
+
+
+def _padded(array: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([array, np.repeat(array[-1:], size - len(array), 0)])
 
 
 def _take(array: np.ndarray, axis: int, count: int) -> np.ndarray:
