@@ -66,6 +66,8 @@ class Report:
     """calibrate.Quality when data was given: agreement with the original on held-out samples."""
     latency: list | None = None
     """--latency: onnx_timing.Latency per batch size (None when not measured)."""
+    notes: list[str] = field(default_factory=list)
+    """What the figures leave out (e.g. integer weights of quantized convs), one sentence each."""
 
     @property
     def site_macs_before(self) -> int | None:
@@ -126,6 +128,7 @@ class Report:
             "sites": [s.as_dict() for s in self.sites],
             "skipped": [s.as_dict() for s in self.skipped],
             **({"latency": [t.as_dict() for t in self.latency]} if self.latency else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
         if self.quality is not None:
             data["quality"] = self.quality.as_dict()
@@ -331,6 +334,7 @@ def render_text(report: Report, width: int = 80, color: bool = False) -> str:
             lines += wrap(f"  {shorten(sk.name, 30)}: {sk.reason}", width)
     lines.append("")
     lines += _totals_lines(report, color)
+    lines += [part for note in report.notes for part in wrap(f"note: {note}", width)]
     timing = latency_summary(report)
     if timing:
         lines.append(timing)  # not shortened: the figures are the point
@@ -384,6 +388,7 @@ def render_markdown(report: Report) -> str:
         b = "–" if before is None else f"{before:,}"
         a = "–" if after is None else f"{after:,}"
         lines.append(f"| {label} | {b} | {a} | {'–' if pct is None else percent(pct)} |")
+    lines += [f"\nNote: {note}." for note in report.notes]
     timing = latency_summary(report)
     if timing:
         lines += ["", timing.replace("->", "→")]

@@ -170,6 +170,7 @@ def _section(report: Report) -> str:
         saved = f"{100 * (1 - t.ratio):.2f}%"
         parts.append(_row([label, f"{t.original_ms:.2f}", f"{t.rewritten_ms:.2f}", saved]))
     parts.append("</table>")
+    parts += [f"<p class=note>Note: {html.escape(note)}.</p>" for note in report.notes]
     parts += _quality(report)
     png = chart_png(report)
     if png is not None:

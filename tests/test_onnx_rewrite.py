@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -339,3 +341,41 @@ def test_sibling_branches_weights_of_the_same_name_are_two_sites():
     verify(model, new)
     homes = _initializer_homes(new)
     assert homes["then_pw_K_W"] == ["then"] and homes["else_pw_K_W"] == ["else"]
+
+
+def test_quantized_convs_are_listed_as_skipped_and_the_report_says_integers_are_not_counted():
+    """Issue 24 (5): a QLinearConv or ConvInteger 1x1 conv was silently left out of `skipped`,
+    and the totals did not say that they count no integer weights."""
+    import jsonschema
+
+    from graphopt.report import SCHEMA_PATH
+    from graphopt.report_html import render_html
+
+    model = onnx_models.quantized()
+    new, report = graphopt.rewrite(model, name="quantized.onnx")
+    assert report.sites == [] and new.SerializeToString() == model.SerializeToString()
+    data = report.to_dict()
+    assert data["skipped"] == [
+        {
+            "name": "qpw",
+            "reason": "quantized conv (QLinearConv): integer weights are not rewritten",
+            "cin": 16,
+            "filters": 32,
+        },
+        {
+            "name": "ipw",
+            "reason": "quantized conv (ConvInteger): integer weights are not rewritten",
+            "cin": 32,
+            "filters": 8,
+        },
+    ]
+    assert data["totals"]["params_before"] == 3  # the three float scales, no uint8 weights
+    note = "integer tensors (the weights of quantized convs) are not counted in the parameter"
+    assert data["notes"] == [f"{note} totals"]
+    jsonschema.validate(data, json.load(open(SCHEMA_PATH)))
+    text = report.to_text()
+    assert "qpw: quantized conv (QLinearConv)" in text and "skipped 2:" in text
+    assert f"note: {note} totals" in " ".join(text.split())  # wrapped at 80 columns
+    assert f"Note: {note} totals." in report.to_markdown()
+    assert f"<p class=note>Note: {note} totals.</p>" in render_html([report])
+    assert "notes" not in graphopt.rewrite(onnx_models.single_site())[1].to_dict()

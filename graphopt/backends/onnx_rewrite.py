@@ -37,6 +37,11 @@ from graphopt.report import Report, Totals
 _FEATURE_MAP_RANKS = (4, 5)
 _SEQUENCE_RANK = 3
 ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
+QUANTIZED_CONVS = {"ConvInteger": 1, "QLinearConv": 3}
+"""Integer convolutions -> the index of their weight input."""
+INTEGER_NOTE = (
+    "integer tensors (the weights of quantized convs) are not counted in the parameter totals"
+)
 
 
 def rewrite_onnx(
@@ -109,6 +114,8 @@ def rewrite_onnx(
         job.sites,
         job.skipped,
     )
+    if job.quantized:
+        report.notes.append(INTEGER_NOTE)
     return new, report
 
 
@@ -178,6 +185,8 @@ class _OnnxRewrite:
     _shared: dict = field(default_factory=dict)
     """(weight, bias) tensors -> (plan, new constants) once that conv was replaced: a
     later Conv with the same weights (a layer called twice) gets the same new weights."""
+    quantized: bool = False
+    """The model has an integer conv (its weights are left out of the parameter counts)."""
 
     def __post_init__(self):
         self.build = SiteBuilder(self.rng)
@@ -187,6 +196,9 @@ class _OnnxRewrite:
         for index, node in enumerate(list(graph.nodes)):
             if node.op in ("MatMul", "Gemm"):
                 self._matmul(graph, node, node.name or f"{node.op}_{index}")
+                continue
+            if node.op in QUANTIZED_CONVS:
+                self._quantized(node, node.name or f"{node.op}_{index}")
                 continue
             if node.op != "Conv":
                 continue
@@ -214,6 +226,24 @@ class _OnnxRewrite:
                 self.skipped.append(Skipped(label, reason))
                 continue
             self._site(graph, node, weight, label, key)
+
+    def _quantized(self, node, label) -> None:
+        """An integer 1x1 conv would be a site, but pwgroup does not requantize: it is
+        listed as skipped, so that the user knows why the model shrinks less than expected."""
+        self.quantized = True
+        index = QUANTIZED_CONVS[node.op]
+        weight = constant_spec(node.inputs[index]) if len(node.inputs) > index else None
+        if weight is None:
+            if not _looks_pointwise(node):
+                return
+            filters = cin = None
+        else:
+            grouped = int(node.attrs.get("group", 1)) != 1
+            if weight.ndim < 3 or any(k != 1 for k in weight.shape[2:]) or grouped:
+                return
+            filters, cin = int(weight.shape[0]), int(weight.shape[1])
+        reason = f"quantized conv ({node.op}): integer weights are not rewritten"
+        self.skipped.append(Skipped(label, reason, cin, filters))
 
     def _reuse(self, graph, conv, key, label) -> None:
         """A Conv whose weights an earlier Conv already holds: one layer, so one site; it
