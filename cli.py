@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 
 EXIT_OK, EXIT_BELOW_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BUG = 1  # a failed internal check; shares 1 with --fail-under, as CI treats both as failures
@@ -215,6 +216,12 @@ def _finetune_parser(sub) -> None:
         help="image folders: pixel scaling (default 0..1)",
     )
     p.add_argument("--limit", type=_positive, metavar="N", help="use the first N samples")
+    p.add_argument(
+        "--no-bn-reestimate",
+        action="store_true",
+        help="keep BatchNormalization statistics as training left them (by default those at "
+        "or after the first weight that changed are estimated again from the data)",
+    )
     p.add_argument(
         "--checkpoint-dir", metavar="DIR", help="checkpoints each epoch (default OUT.checkpoint)"
     )
@@ -537,6 +544,7 @@ def _finetune(graphopt, args, sources: list[str]) -> int:
             validation_data=args.validation_data,
             preprocess=args.preprocess,
             limit=args.limit,
+            bn_reestimate=not args.no_bn_reestimate,
             checkpoint_dir=checkpoint,
             seed=args.seed,
             verbose=0 if args.quiet else "auto",
@@ -709,8 +717,22 @@ def _main(args) -> int:
     return EXIT_OK
 
 
+def _notice(message, category, filename, lineno, file=None, line=None) -> None:
+    """graphopt.errors.Notice as one line on stderr; other warnings as Python shows them."""
+    from graphopt.errors import Notice
+
+    if issubclass(category, Notice):
+        print(f"pwgroup: note: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.showwarning = _notice
     if args.command == "finetune":
         args.model = [args.original, args.rewritten]
     try:

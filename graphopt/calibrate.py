@@ -349,6 +349,7 @@ class Calibration:
                     model, report, outputs, _ = self._control(
                         grown, weights, report, outputs, curve
                     )
+        report.skipped = [_with_shape(s, infos) for s in report.skipped]
         report.quality = Quality(
             len(self.fit), len(self.held_out), True, outputs, self.targets, curve, self.ladder,
             self.distilled,
@@ -631,6 +632,14 @@ class Calibration:
             )
             self.say(f"ranking {i}/{len(names)} {name}: damage alone {damage[name]:.4f}")
         return sorted(damage.items(), key=lambda kv: -kv[1])
+
+
+def _with_shape(skipped, infos):
+    """A site left as it was by calibration keeps its Cin and F in the report."""
+    info = infos.get(skipped.name)
+    if skipped.cin is not None or info is None:
+        return skipped
+    return dataclasses.replace(skipped, cin=info.plan.cin, filters=info.plan.filters)
 
 
 def _params(plan: SitePlan, groups: int) -> int:

@@ -11,6 +11,7 @@ backends describe their inputs as `InputSpec`s.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.errors import InputError
+from graphopt.errors import InputError, Notice
 
 PREPROCESS = ("0..1", "-1..1", "imagenet", "none")
 DEFAULT_PREPROCESS = "0..1"
@@ -143,19 +144,43 @@ def _checked(array: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
             raise InputError(
                 f"{what} has shape {array.shape}, the model wants {_shape_text(spec.shape)}"
             )
-    want = np.dtype(spec.dtype)
+    return _cast(array, np.dtype(spec.dtype), what)
+
+
+def _cast(array: np.ndarray, want: np.dtype, what: str) -> np.ndarray:
+    """`array` in the model's dtype: a cast that keeps every value (float64 -> float32 within
+    range, integers a float holds exactly, a wider integer type) with a notice, else refused."""
+    got = array.dtype
+    if got == want:
+        if np.issubdtype(want, np.floating) and not np.isfinite(array).all():
+            raise InputError(f"{what} holds NaN or infinite values")
+        return array
+    numeric = np.issubdtype(got, np.floating) or np.issubdtype(got, np.integer)
+    if not numeric or np.issubdtype(got, np.bool_):
+        raise InputError(f"{what} has dtype {got}, the model wants {want}")
     if np.issubdtype(want, np.floating):
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise InputError(f"{what} has dtype {array.dtype}, the model wants {want}")
-        array = array.astype(want, copy=False)
         if not np.isfinite(array).all():
             raise InputError(f"{what} holds NaN or infinite values")
-    elif array.dtype != want:
-        if np.issubdtype(want, np.integer) and np.issubdtype(array.dtype, np.integer):
-            array = array.astype(want)
-        else:
-            raise InputError(f"{what} has dtype {array.dtype}, the model wants {want}")
-    return array
+        with np.errstate(over="ignore"):
+            cast = array.astype(want)
+        if not np.isfinite(cast).all():
+            raise InputError(f"{what} has values beyond the range of {want}, the model's dtype")
+        if np.issubdtype(got, np.integer):
+            exact = 2 ** (np.finfo(want).nmant + 1)
+            if np.abs(array).max() > exact:
+                raise InputError(
+                    f"{what} has integers beyond {exact:,}, which {want} (the model's dtype) "
+                    "does not hold exactly"
+                )
+        warnings.warn(f"{what}: {got} values cast to {want}, the model's dtype", Notice, 2)
+        return cast
+    if np.issubdtype(want, np.integer) and np.issubdtype(got, np.integer):
+        info = np.iinfo(want)
+        if array.min() < info.min or array.max() > info.max:
+            raise InputError(f"{what} has values beyond the range of {want}, the model's dtype")
+        warnings.warn(f"{what}: {got} values cast to {want}, the model's dtype", Notice, 2)
+        return array.astype(want)
+    raise InputError(f"{what} has dtype {got}, the model wants {want} (a cast would lose values)")
 
 
 def _shape_text(shape) -> str:
@@ -179,10 +204,28 @@ def _from_path(path: str, specs: list[InputSpec], preprocess: str) -> Samples:
     raise InputError(f"{path}: expected a .npy or .npz file, or a folder of them or of images")
 
 
+NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK"
+
+
 def _load_array(path: str):
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not (head.startswith(NPY_MAGIC) or head.startswith(NPZ_MAGIC)):
+        kind = ".npz (a zip archive)" if path.lower().endswith(".npz") else ".npy"
+        raise InputError(
+            f"{path}: cannot be read as NumPy data (not a {kind} file: it does not start "
+            "with NumPy's header)"
+        )
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise InputError(
+                f"{path}: holds pickled Python objects, which pwgroup does not load (loading "
+                "them can run code); save plain numeric arrays"
+            ) from None
+        raise InputError(f"{path}: cannot be read as NumPy data ({_first_line(exc)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot be read as NumPy data ({_first_line(exc)})") from None
 
 
@@ -206,8 +249,8 @@ def _from_npz(path: str, specs: list[InputSpec]) -> Samples:
             raise InputError(f"{path}: cannot be read as NumPy data ({_first_line(exc)})") from None
     labels = next((arrays.pop(k) for k in LABEL_KEYS if k in arrays), None)
     names = [s.name for s in specs]
-    if len(specs) == 1 and len(arrays) == 1 and names[0] not in arrays:
-        arrays = {names[0]: next(iter(arrays.values()))}  # one input: its key may be any name
+    if len(specs) == 1 and list(arrays) == ["arr_0"]:
+        arrays = {names[0]: arrays["arr_0"]}  # np.savez(path, x): an array saved without a name
     return Samples(arrays, labels, path)
 
 

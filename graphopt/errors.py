@@ -27,6 +27,11 @@ class UsageError(GraphoptError):
     """An option has a value that makes no sense."""
 
 
+class Notice(UserWarning):
+    """Something done on the user's behalf that they should know of (e.g. data cast to the
+    model's dtype); the CLI prints it as one line on stderr, `pwgroup: note: ...`."""
+
+
 class InternalError(GraphoptError):
     """A check of pwgroup's own work failed: a bug in pwgroup, not in the model (CLI: exit 1,
     nothing written)."""

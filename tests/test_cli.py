@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
@@ -237,3 +238,20 @@ def test_help_of_max_site_error_states_the_default_the_readme_does():
     assert f"; {DEFAULT_SITE_ERROR:g} without targets)" in default
     for command in ("rewrite", "report"):
         assert default in " ".join(run_pwgroup(command, "--help").stdout.split())
+
+
+def test_data_cast_to_the_models_dtype_is_one_note_on_stderr(tmp_path):
+    import onnx
+
+    from fixtures.onnx_models import single_site
+
+    onnx.save(single_site(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 32, 6, 6)))  # float64
+    result = run_pwgroup(
+        "report", str(tmp_path / "m.onnx"), "--measure", str(tmp_path / "x.npy"), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"pwgroup: note: {tmp_path / 'x.npy'}: input 'x': float64 values cast to float32, "
+        "the model's dtype"
+    ]

@@ -116,3 +116,57 @@ def test_split_is_seeded_and_disjoint():
     assert len(held) == 5 and len(fit) == 15
     assert not set(fit.inputs["a"].ravel()) & set(held.inputs["a"].ravel())
     np.testing.assert_array_equal(fit.inputs["a"], again.inputs["a"])
+
+
+def test_safe_casts_come_with_a_notice_the_rest_are_refused():
+    """int64/float64 arrays for a float32 model were cast silently, whatever they held."""
+    import warnings
+
+    from graphopt.errors import Notice
+
+    spec = [InputSpec("x", (None, 3))]
+    for array in (
+        np.arange(6, dtype=np.int64).reshape(2, 3),
+        np.ones((2, 3)),
+        np.ones((2, 3), np.uint8),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            samples = load_samples(array, spec)
+        assert samples.inputs["x"].dtype == np.float32
+        np.testing.assert_array_equal(samples.inputs["x"], array)
+        (notice,) = [w for w in caught if issubclass(w.category, Notice)]
+        assert f"{array.dtype} values cast to float32" in str(notice.message)
+    for array, message in (
+        (np.full((2, 3), 1e300), "beyond the range of float32"),
+        (np.full((2, 3), 2**40, np.int64), "does not hold exactly"),
+        (np.ones((2, 3), bool), "dtype bool"),
+        (np.ones((2, 3), np.complex64), "dtype complex64"),
+    ):
+        with pytest.raises(InputError, match=message):
+            load_samples(array, spec)
+    ids = [InputSpec("ids", (None, 3), "int32")]
+    with pytest.raises(InputError, match="a cast would lose values"):
+        load_samples(np.full((2, 3), 1.5), ids)
+    with pytest.raises(InputError, match="beyond the range of int32"):
+        load_samples(np.full((2, 3), 2**40, np.int64), ids)
+
+
+def test_files_that_are_not_numpy_arrays_say_what_they_are(tmp_path):
+    """`garbage.npy` was reported as 'pickled (object) data'; a one-array .npz under another
+    input's name was taken for the model's input."""
+    (tmp_path / "garbage.npy").write_bytes(b"\x00\x01 definitely not numpy")
+    (tmp_path / "garbage.npz").write_bytes(b"neither")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "named.npz", label_image=np.zeros((2, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "unnamed.npz", np.zeros((2, 8, 8, 3), np.float32))
+    for name, message in (
+        ("garbage.npy", "not a .npy file: it does not start with NumPy's header"),
+        ("garbage.npz", "not a .npz (a zip archive) file"),
+        ("objects.npy", "holds pickled Python objects, which pwgroup does not load"),
+        ("named.npz", "inputs ['label_image'] do not match the model's ['image']"),
+    ):
+        with pytest.raises(InputError) as info:
+            load_samples(str(tmp_path / name), IMAGE)
+        assert str(info.value).startswith(str(tmp_path / name)) and message in str(info.value)
+    assert load_samples(str(tmp_path / "unnamed.npz"), IMAGE).inputs["image"].shape == (2, 8, 8, 3)
