@@ -515,6 +515,33 @@ def _precheck_finetune(args) -> str | None:
     return None
 
 
+def _around_onednn_crash(graphopt, args, sources: list[str]) -> int | None:
+    """A command that trains a Keras model whose training step kills TensorFlow's process with
+    oneDNN on (see graphopt.train_probe) runs again with oneDNN off, saying so; where the user
+    turned oneDNN on, one line says what to do. None: go on."""
+    from graphopt import train_probe as probe
+
+    finetune = args.command == "finetune"
+    if not (finetune or getattr(args, "distill_steps", 0) and args.calibrate):
+        return None
+    if os.environ.get("PWGROUP_TRAIN_PROBED") or not probe.onednn_may_be_on():
+        return None
+    model, data = (sources[1], args.data) if finetune else (sources[0], args.calibrate)
+    if graphopt.model_kind(model) != "keras":
+        return None
+    number = probe.step_crashes(model, data, args.trust_model)
+    if number is None:
+        return None
+    signal = probe.signal_name(number)
+    what = f"training {model} kills TensorFlow with oneDNN on ({signal} in a test step)"
+    if os.environ.get(probe.ONEDNN) is not None:
+        return _fail(f"{what}: run with {probe.ONEDNN}=0")
+    print(f"pwgroup: note: {what}: running with {probe.ONEDNN}=0", file=sys.stderr, flush=True)
+    env = dict(os.environ, PWGROUP_TRAIN_PROBED="1", **{probe.ONEDNN: "0"})
+    code = "import sys, cli; sys.exit(cli.main())"
+    os.execve(sys.executable, [sys.executable, "-c", code, *args.argv], env)
+
+
 def _finetune(graphopt, args, sources: list[str]) -> int:
     """Load both models, distil, and (the chief only) write the model and the report."""
     from graphopt.backends import keras_distill
@@ -664,6 +691,8 @@ def _main(args) -> int:
     if not args.debug:  # TensorFlow's advice on retracing (calibration runs many sub-models)
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
     _check_runtime(graphopt, args, sources)
+    if (code := _around_onednn_crash(graphopt, args, sources)) is not None:
+        return code
     if args.command == "finetune":
         return _finetune(graphopt, args, sources)
     if args.command == "export":
@@ -731,7 +760,9 @@ _show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     warnings.showwarning = _notice
     if args.command == "finetune":
         args.model = [args.original, args.rewritten]
