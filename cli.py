@@ -493,9 +493,14 @@ def _run_one(graphopt, args, source: str, output: str | None):
     with step(f"saving {output}" if output else "measuring file sizes", show):
         report.totals.file_size_before = (
             _size_on_disk(source, kind)
-            if kind != "application"
+            if kind == "onnx" or source.endswith(".keras")
             else _size_when_saved(graphopt, model)
         )
+        if kind == "keras" and not source.endswith(".keras"):  # like with like: .keras both
+            report.notes.append(
+                f"file sizes compare both models saved as .keras; {source} itself is "
+                f"{os.path.getsize(source):,} bytes (an .h5 may hold optimizer state too)"
+            )
         if output is not None:
             report.totals.file_size_after = graphopt.save(new_model, output, source=source)
         else:
