@@ -488,3 +488,17 @@ def test_an_original_whose_outputs_are_not_finite_is_refused_in_one_line(tmp_pat
     (line,) = result.stderr.strip().splitlines()
     assert "nan.onnx: its output 'y' is NaN or infinite" in line
     assert not out.exists()
+
+
+def test_sites_left_by_groups_auto_keep_their_shape_in_the_report():
+    """The JSON report had `cin`/`filters` null for sites that --groups auto left as they were."""
+    from fixtures.onnx_models import pytorch_style
+
+    model = pytorch_style()
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = np.random.default_rng(0).random((24, *dims[1:])).astype(np.float32)
+    _, report = graphopt.rewrite(
+        model, mode="linear", calibration=data, groups="auto", max_site_error=0.0
+    )
+    left = [s for s in report.to_dict()["skipped"] if "--groups auto" in s["reason"]]
+    assert left and all(s["cin"] and s["filters"] for s in left)
