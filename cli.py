@@ -549,14 +549,17 @@ def _around_onednn_crash(graphopt, args, sources: list[str]) -> int | None:
 
 def _finetune(graphopt, args, sources: list[str]) -> int:
     """Load both models, distil, and (the chief only) write the model and the report."""
-    from graphopt.backends import keras_distill
-
     for source in sources:
         if graphopt.model_kind(source) != "keras":
             return _fail(
                 f"{source}: finetune takes Keras models; fine-tune an ONNX model in the framework "
                 "it came from (see the README)"
             )
+    from graphopt.runtime import require_keras
+
+    require_keras("finetune")
+    from graphopt.backends import keras_distill
+
     strategy = keras_distill.make_strategy(args.strategy)  # before any model is built
     teacher, student = (graphopt.load(s, trust_model=args.trust_model) for s in sources)
     checkpoint = args.checkpoint_dir or args.output + ".checkpoint"

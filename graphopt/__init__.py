@@ -10,13 +10,16 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from graphopt.quiet import silenced_stderr  # noqa: E402
+from graphopt.runtime import has_keras  # noqa: E402
 
 # Registers GroupedPointwiseConv and ChannelInterleave, so that a rewritten model saved as
 # .keras reloads with keras.models.load_model once graphopt is imported. TensorFlow's C++
 # runtime prints at import whatever the log level (absl's "WARNING: All log messages before
-# absl::InitializeLog() ..."): kept off the user's stderr.
-with silenced_stderr():
-    import graphopt.backends.keras_layers  # noqa: E402,F401
+# absl::InitializeLog() ..."): kept off the user's stderr. ONNX-only installs have no Keras
+# (the `keras` extra brings it): there nothing is registered and TensorFlow is never imported.
+if has_keras():
+    with silenced_stderr():
+        import graphopt.backends.keras_layers  # noqa: E402,F401
 from graphopt.api import (  # noqa: E402
     export_onnx,
     load,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 
 from graphopt.errors import (
     InputError,
@@ -15,14 +16,12 @@ from graphopt.errors import (
 )
 from graphopt.plan import DEFAULT_MIN_CHANNELS_PER_GROUP, FIT, INITS, LINEAR, MODES, Selection
 from graphopt.report import Report, Totals
+from graphopt.runtime import require_keras
 
 
 def _is_keras(model) -> bool:
-    try:
-        import keras
-    except ImportError:  # pragma: no cover - keras is a dependency
-        return False
-    return isinstance(model, keras.Model)
+    keras = sys.modules.get("keras")  # a Keras model exists only once Keras was imported
+    return keras is not None and isinstance(model, keras.Model)
 
 
 def _is_onnx(model) -> bool:
@@ -302,23 +301,25 @@ def export_onnx(model, opset: int = 17):
 
 def load(source: str, *, classes: int | None = None, input_shape=None, trust_model: bool = False):
     """Load a model from a .keras/.h5/.onnx file or a `keras.applications:Name`."""
-    from graphopt.backends import keras_io
-
-    if keras_io.is_application_name(source):
-        return keras_io.build_application(source, classes, input_shape)
     kind = model_kind(source)
     if kind == "onnx":
         from graphopt.backends.onnx_io import load_onnx
 
         return load_onnx(source)
+    require_keras(f"{source}: a Keras model")
+    from graphopt.backends import keras_io
+
+    if kind == "application":
+        return keras_io.build_application(source, classes, input_shape)
     return keras_io.load_keras_file(source, trust_model=trust_model)
+
+
+APPLICATION_PREFIX = "keras.applications:"
 
 
 def model_kind(source: str) -> str:
     """'keras', 'onnx' or 'application'; raises InputError for anything else or a missing file."""
-    from graphopt.backends.keras_io import is_application_name
-
-    if is_application_name(source):
+    if source.startswith(APPLICATION_PREFIX):
         return "application"
     ext = os.path.splitext(source)[1].lower()
     if ext not in (".keras", ".h5", ".hdf5", ".onnx"):

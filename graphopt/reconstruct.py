@@ -1,7 +1,7 @@
-"""Reconstruction of one site on real activations (SPEC "Calibration"): K and L (and, in paper
-mode, BN') chosen so that the site reproduces, on the inputs it sees, the output of what it
-replaces. NumPy for the linear site (least squares weighted by the activations' second moments);
-gradient steps for the paper site, whose branches hold BN and an activation.
+"""Reconstruction of one site on real activations: K and L (and, in paper mode, BN') chosen so
+that the site reproduces, on the inputs it sees, the output of what it replaces. NumPy only:
+least squares weighted by the activations' second moments for the linear site; Adam steps with
+gradients written out for the paper site, whose branches hold BN and an activation.
 
 Rows are positions: `x` is n x Cin (the site's inputs), `target` n x F. Layouts of the weights are
 fit.py's: K is F x Cin/N, L is F x F/N, in block form (N, F/N, Cin/N) inside this module.
@@ -28,25 +28,30 @@ PAPER_BATCH = 2048
 @dataclass(frozen=True)
 class Step:
     """One operation of a branch after its conv: a per-channel affine map (a BatchNormalization
-    in inference: `scale * z + shift`, epsilon kept for BN') or an elementwise activation
-    (`fn` on keras tensors)."""
+    in inference: `scale * z + shift`, epsilon kept for BN') or an elementwise activation `fn`
+    on NumPy arrays (its derivative `grad`, when not given, by central differences)."""
 
     kind: str  # "affine" or "act"
     scale: np.ndarray | None = None
     shift: np.ndarray | None = None
     epsilon: float = 1e-3
     fn: Callable | None = None
+    grad: Callable | None = None
+
+    def derivative(self, z: np.ndarray) -> np.ndarray:
+        if self.grad is not None:
+            return self.grad(z)
+        h = 1e-3 * np.maximum(1.0, np.abs(z))
+        up = np.asarray(self.fn(z + h), np.float64)
+        down = np.asarray(self.fn(z - h), np.float64)
+        return (up - down) / (2 * h)
 
 
 def apply_steps(z: np.ndarray, steps: list[Step]) -> np.ndarray:
     """What the original conv's BN/activation make of its output `z` (n x F)."""
-    import keras
-
+    z = np.asarray(z, np.float64)
     for step in steps:
-        if step.kind == "affine":
-            z = z * step.scale + step.shift
-        else:
-            z = keras.ops.convert_to_numpy(step.fn(keras.ops.convert_to_tensor(z)))
+        z = z * step.scale + step.shift if step.kind == "affine" else np.asarray(step.fn(z))
     return np.asarray(z, np.float64)
 
 
@@ -215,101 +220,151 @@ def fit_paper(
     seed: int = 0,
     iterations: int = PAPER_STEPS,
 ) -> Fitted:
-    """Gradient steps (Adam, cosine) on K, L, their biases and BN' for
+    """Adam steps (cosine decay) on K, L, their biases and BN' for
     `chain(K x) + chain'(L P chain(K x))`, from K fitted alone to the pre-activation `pre` and a
     small L. `steps` are the original's BN (fixed in K's branch) and activation."""
-    import tensorflow as tf
-
     b = _Blocks(plan)
-    x = np.asarray(x, np.float32)
-    target = np.asarray(target, np.float32)
+    x = np.asarray(x, np.float64)
+    target = np.asarray(target, np.float64)
     if not plan.has_l:  # the output is P u: K's own outputs answer to P^T pre
         unpermuted = np.empty_like(pre)
         unpermuted[:, b.perm] = pre
         pre = unpermuted
     start_k, start_bias = _k_alone_rows(b, x, pre, plan.use_bias)
     rng = np.random.default_rng(seed)
-    kw = tf.Variable(start_k.astype(np.float32))
-    variables = [kw]
-    kbias = None
-    if plan.use_bias:
-        kbias = tf.Variable(start_bias.astype(np.float32))
-        variables.append(kbias)
-    norm_index = next((i for i, s in enumerate(steps) if s.kind == "affine"), None)
-    lw = lbias = scale = shift = None
-    if plan.has_l:
-        limit = 0.1 * np.sqrt(6.0 / (2 * b.s))
-        lw = tf.Variable(rng.uniform(-limit, limit, (b.n, b.s, b.s)).astype(np.float32))
-        variables.append(lw)
-        if plan.use_bias:
-            lbias = tf.Variable(np.zeros(plan.filters, np.float32))
-            variables.append(lbias)
-        if norm_index is not None:
-            scale = tf.Variable(np.ones(plan.filters, np.float32))
-            shift = tf.Variable(np.zeros(plan.filters, np.float32))
-            variables += [scale, shift]
-    perm = tf.constant(b.perm)
-
-    def branch(z, trained_norm):
-        """The original's BN/activation; with `trained_norm`, BN' in place of the BN."""
-        for step in steps:
-            if step.kind == "act":
-                z = step.fn(z)
-            elif trained_norm is not None:
-                z = z * trained_norm[0] + trained_norm[1]
-            else:
-                z = z * step.scale.astype(np.float32) + step.shift.astype(np.float32)
-        return z
-
-    def grouped(w, rows):
-        n = tf.shape(rows)[0]
-        r = tf.reshape(rows, (n, b.n, -1))
-        return tf.reshape(tf.einsum("ngc,gsc->ngs", r, w), (n, plan.filters))
-
-    def forward(rows):
-        z = grouped(kw, rows)
-        if kbias is not None:
-            z = z + kbias
-        u = branch(z, None)
-        mixed = tf.gather(u, perm, axis=1)
-        if not plan.has_l:
-            return mixed
-        v = grouped(lw, mixed)
-        if lbias is not None:
-            v = v + lbias
-        affine = None if scale is None else (scale, shift)
-        return u + branch(v, affine)
-
-    norm2 = float(np.mean(target.astype(np.float64) ** 2)) or 1.0
-    schedule = tf.keras.optimizers.schedules.CosineDecay(3e-3, iterations)
-    optimizer = tf.keras.optimizers.Adam(schedule)
-
-    @tf.function
-    def train(rows, want):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(forward(rows) - want)) / norm2
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
+    site = _PaperSite(plan, b, steps, start_k, start_bias if plan.use_bias else None, rng)
+    norm2 = float(np.mean(target**2)) or 1.0
+    adam = _Adam(site.params, 3e-3, iterations)
     batch = min(PAPER_BATCH, len(x))
     for _ in range(iterations):
         pick = rng.integers(0, len(x), batch)
-        train(tf.constant(x[pick]), tf.constant(target[pick]))
-    chunks = range(0, len(x), 8192)
-    pred = np.concatenate([forward(tf.constant(x[i : i + 8192])).numpy() for i in chunks])
-    error = relative_error(pred, target)
+        out, tape = site.forward(x[pick])
+        adam.step(site.backward(2 * (out - target[pick]) / (out.size * norm2), tape))
+    pred = np.concatenate([site.forward(x[i : i + 8192])[0] for i in range(0, len(x), 8192)])
     l_norm = None
-    if scale is not None:
-        eps = steps[norm_index].epsilon
-        l_norm = (scale.numpy() * np.float32(np.sqrt(1 + eps)), shift.numpy())
+    if site.norm_index is not None and plan.has_l:
+        eps = steps[site.norm_index].epsilon
+        p = site.params
+        l_norm = (
+            (p["scale"] * np.sqrt(1 + eps)).astype(np.float32),
+            p["shift"].astype(np.float32),
+        )
+    p = site.params
     return Fitted(
-        kw.numpy().reshape(plan.filters, b.c),
-        None if lw is None else lw.numpy().reshape(plan.filters, b.s),
-        None if kbias is None else kbias.numpy(),
-        None if lbias is None else lbias.numpy(),
-        error,
+        p["k"].reshape(plan.filters, b.c).astype(np.float32),
+        None if "l" not in p else p["l"].reshape(plan.filters, b.s).astype(np.float32),
+        None if "kb" not in p else p["kb"].astype(np.float32),
+        None if "lb" not in p else p["lb"].astype(np.float32),
+        relative_error(pred, target),
         l_norm,
     )
+
+
+class _PaperSite:
+    """The paper site's forward pass on rows, and its gradients written out (a tape of each
+    step's input): K -> branch -> interleave -> L -> branch' (BN' trained) -> sum."""
+
+    def __init__(self, plan: SitePlan, b: _Blocks, steps, start_k, start_bias, rng):
+        self.plan, self.b, self.steps = plan, b, steps
+        self.norm_index = next((i for i, s in enumerate(steps) if s.kind == "affine"), None)
+        self.inverse = np.argsort(b.perm)
+        self.params = {"k": np.array(start_k, np.float64)}
+        if start_bias is not None:
+            self.params["kb"] = np.array(start_bias, np.float64)
+        if plan.has_l:
+            limit = 0.1 * np.sqrt(6.0 / (2 * b.s))
+            self.params["l"] = rng.uniform(-limit, limit, (b.n, b.s, b.s))
+            if plan.use_bias:
+                self.params["lb"] = np.zeros(plan.filters)
+            if self.norm_index is not None:
+                self.params["scale"] = np.ones(plan.filters)
+                self.params["shift"] = np.zeros(plan.filters)
+
+    def _grouped(self, w, rows):
+        n = len(rows)
+        return np.einsum("ngc,gsc->ngs", rows.reshape(n, self.b.n, -1), w).reshape(n, -1)
+
+    def _grouped_back(self, w, rows, d):
+        """(gradient of the blocks, gradient of the rows) of `_grouped(w, rows)` given `d`."""
+        n = len(rows)
+        dr, rr = d.reshape(n, self.b.n, -1), rows.reshape(n, self.b.n, -1)
+        return np.einsum("ngs,ngc->gsc", dr, rr), np.einsum("ngs,gsc->ngc", dr, w).reshape(n, -1)
+
+    def _branch(self, z, trained: bool, tape: list):
+        for step in self.steps:
+            tape.append(z)
+            if step.kind == "act":
+                z = np.asarray(step.fn(z), np.float64)
+            elif trained:
+                z = z * self.params["scale"] + self.params["shift"]
+            else:
+                z = z * step.scale + step.shift
+        return z
+
+    def _branch_back(self, d, trained: bool, tape: list, grads: dict):
+        for i in reversed(range(len(self.steps))):
+            step, z = self.steps[i], tape[i]
+            if step.kind == "act":
+                d = d * step.derivative(z)
+            elif trained:
+                grads["scale"] = np.sum(d * z, axis=0)
+                grads["shift"] = np.sum(d, axis=0)
+                d = d * self.params["scale"]
+            else:
+                d = d * step.scale
+        return d
+
+    def forward(self, rows):
+        p, tape = self.params, {"x": rows, "k": [], "l": []}
+        z = self._grouped(p["k"], rows)
+        if "kb" in p:
+            z = z + p["kb"]
+        u = self._branch(z, False, tape["k"])
+        mixed = u[:, self.b.perm]
+        tape["mixed"] = mixed
+        if not self.plan.has_l:
+            return mixed, tape
+        v = self._grouped(p["l"], mixed)
+        if "lb" in p:
+            v = v + p["lb"]
+        trained = "scale" in p
+        return u + self._branch(v, trained, tape["l"]), tape
+
+    def backward(self, d_out, tape) -> dict:
+        p, grads = self.params, {}
+        if self.plan.has_l:
+            dv = self._branch_back(d_out, "scale" in p, tape["l"], grads)
+            if "lb" in p:
+                grads["lb"] = dv.sum(0)
+            grads["l"], d_mixed = self._grouped_back(p["l"], tape["mixed"], dv)
+            du = d_out + d_mixed[:, self.inverse]
+        else:
+            du = d_out[:, self.inverse]
+        dz = self._branch_back(du, False, tape["k"], grads)
+        if "kb" in p:
+            grads["kb"] = dz.sum(0)
+        grads["k"], _ = self._grouped_back(p["k"], tape["x"], dz)
+        return grads
+
+
+class _Adam:
+    """Adam (Keras' defaults) with a cosine decay of the learning rate over `total` steps,
+    updating the arrays of `params` in place."""
+
+    def __init__(self, params: dict, lr: float, total: int):
+        self.params, self.lr, self.total, self.t = params, lr, total, 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, grads: dict) -> None:
+        lr = self.lr * 0.5 * (1 + np.cos(np.pi * min(self.t, self.total) / self.total))
+        self.t += 1
+        for k, g in grads.items():
+            self.m[k] = 0.9 * self.m[k] + 0.1 * g
+            self.v[k] = 0.999 * self.v[k] + 0.001 * g * g
+            m_hat = self.m[k] / (1 - 0.9**self.t)
+            v_hat = self.v[k] / (1 - 0.999**self.t)
+            self.params[k] -= lr * m_hat / (np.sqrt(v_hat) + 1e-7)
 
 
 def _k_alone_rows(b: _Blocks, x, t, use_bias: bool):

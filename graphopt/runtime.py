@@ -5,6 +5,7 @@ line, what to do when there is none or both."""
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import metadata
 
 from graphopt.errors import GraphoptError
@@ -49,3 +50,21 @@ def onnxruntime(purpose: str):
             f"onnxruntime is not installed; it is needed {purpose}: {INSTALL_HINT}"
         ) from exc
     return ort
+
+
+KERAS_HINT = "pip install 'pwgroup[keras]' (TensorFlow and Keras)"
+
+
+class MissingKerasError(GraphoptError):
+    """Keras (with TensorFlow) is needed for a Keras model and is not installed."""
+
+
+def has_keras() -> bool:
+    """Whether Keras and TensorFlow are installed (without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("keras", "tensorflow"))
+
+
+def require_keras(why: str) -> None:
+    """MissingKerasError naming what needs Keras and how to install it, when it is not there."""
+    if not has_keras():
+        raise MissingKerasError(f"{why} needs Keras and TensorFlow: {KERAS_HINT}")

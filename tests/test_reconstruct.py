@@ -49,16 +49,54 @@ def test_fitting_on_activations_beats_fitting_the_kernel_on_those_activations():
 
 
 def test_paper_site_with_bn_and_relu_is_fitted_by_gradient_steps():
-    import keras
-
     rng = np.random.default_rng(2)
     plan = plan_site("s", 64, 32, use_bias=False, l_norm_per_channel=(4, 2))
     weight = rng.normal(size=(32, 64)) / 8
     bn = Step("affine", rng.uniform(0.5, 2, 32), rng.normal(size=32) * 0.1, 1e-3)
-    steps = [bn, Step("act", fn=keras.ops.relu)]
+    steps = [bn, Step("act", fn=lambda z: np.maximum(z, 0))]
     x = _activations(rng, 4000, 64)
     pre = x @ weight.T
     target = np.maximum(pre * bn.scale + bn.shift, 0)
     fitted = fit_paper(plan, x, target, pre, steps, iterations=300)
     assert fitted.l_norm is not None and fitted.l_norm[0].shape == (32,)
     assert fitted.error < 0.6  # it learns: a random init of the same site is ~1.0
+
+
+@pytest.mark.parametrize("cin, filters, bias", [(64, 32, True), (32, 64, True), (48, 48, False)])
+def test_paper_site_gradients_match_finite_differences(cin, filters, bias):
+    """The paper site's gradients are written out by hand (no framework): each parameter's
+    against central differences of the loss, through BN, swish (its derivative itself taken by
+    differences), interleave, L and BN'."""
+    from graphopt.reconstruct import _Blocks, _PaperSite
+
+    rng = np.random.default_rng(cin + filters)
+    plan = plan_site("s", cin, filters, use_bias=bias, l_norm_per_channel=(4, 2))
+    b = _Blocks(plan)
+    steps = [
+        Step("affine", rng.uniform(0.5, 2, filters), rng.normal(size=filters), 1e-3),
+        Step("act", fn=lambda z: z / (1 + np.exp(-z))),
+    ]
+    start_k = rng.normal(size=(b.n, b.s, b.c)) / np.sqrt(b.c)
+    site = _PaperSite(plan, b, steps, start_k, rng.normal(size=filters) if bias else None, rng)
+    if plan.has_l:
+        site.params["l"] *= 10  # away from the small init, so that L's path counts
+    x, target = rng.normal(size=(16, cin)), rng.normal(size=(16, filters))
+
+    def loss() -> float:
+        return float(np.sum((site.forward(x)[0] - target) ** 2))
+
+    out, tape = site.forward(x)
+    grads = site.backward(2 * (out - target), tape)
+    assert set(grads) == set(site.params)
+    for name, value in site.params.items():
+        flat = value.reshape(-1)
+        for index in rng.choice(flat.size, 5, replace=False):
+            keep = flat[index]
+            flat[index] = keep + 1e-5
+            up = loss()
+            flat[index] = keep - 1e-5
+            down = loss()
+            flat[index] = keep
+            numeric = (up - down) / 2e-5
+            got = grads[name].reshape(-1)[index]
+            assert got == pytest.approx(numeric, rel=1e-3, abs=1e-3), name

@@ -70,7 +70,7 @@ class KerasCalibration(RewriteOptions):
         steps = []
         if self.mode == PAPER:
             if keras.activations.serialize(layer.activation) != "linear":
-                steps.append(Step("act", fn=layer.activation))
+                steps.append(Step("act", fn=_on_numpy(layer.activation)))
             steps += [_step(node.operation) for node in site.chain]
         conv = site.plan.kind == "conv"  # a separable conv strides in its depthwise half
         channels_first = getattr(layer, "data_format", None) == "channels_first"
@@ -152,4 +152,13 @@ def _step(layer) -> Step:
             (beta - mean * scale).astype(np.float64),
             float(layer.epsilon),
         )
-    return Step("act", fn=layer)
+    return Step("act", fn=_on_numpy(layer))
+
+
+def _on_numpy(fn):
+    """A Keras activation (function or layer) as a function of NumPy arrays."""
+
+    def call(z: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(fn(keras.ops.convert_to_tensor(z, "float32")))
+
+    return call

@@ -201,11 +201,12 @@ def _attr(node, name, default):
     return node.attrs.get(name, default)
 
 
-def _step(node) -> Step | None:
-    """The NumPy-free description of a pulled node; None for one calibration cannot model."""
-    import keras
+def _sigmoid(z):
+    return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow for large |z|
 
-    ops = keras.ops
+
+def _step(node) -> Step | None:
+    """The NumPy description of a pulled node; None for one calibration cannot model."""
     op = node.op
     if op == "BatchNormalization":
         scale, shift, mean, var = node.constants[1:5]
@@ -220,31 +221,49 @@ def _step(node) -> Step | None:
         high = bounds[1] if len(bounds) > 1 and bounds[1] is not None else _attr(node, "max", None)
         low = -np.inf if low is None else float(low)
         high = np.inf if high is None else float(high)
-        return Step("act", fn=lambda x: ops.clip(x, low, high))
+        return Step(
+            "act", fn=lambda z: np.clip(z, low, high), grad=lambda z: ((z > low) & (z < high)) * 1.0
+        )
     alpha = float(_attr(node, "alpha", {"LeakyRelu": 0.01, "HardSigmoid": 0.2}.get(op, 1.0)))
     beta = float(_attr(node, "beta", 0.5))
     table = {
-        "Relu": ops.relu,
-        "Sigmoid": ops.sigmoid,
-        "Tanh": ops.tanh,
-        "HardSigmoid": lambda x: ops.clip(alpha * x + beta, 0.0, 1.0),
-        "HardSwish": lambda x: x * ops.clip(x / 6.0 + 0.5, 0.0, 1.0),
-        "LeakyRelu": lambda x: ops.leaky_relu(x, alpha),
-        "Elu": lambda x: ops.where(x > 0, x, alpha * (ops.exp(ops.minimum(x, 0.0)) - 1.0)),
-        "Mul": "mul",
+        "Relu": (lambda z: np.maximum(z, 0), lambda z: (z > 0) * 1.0),
+        "Sigmoid": (_sigmoid, lambda z: _sigmoid(z) * (1 - _sigmoid(z))),
+        "Tanh": (np.tanh, lambda z: 1 - np.tanh(z) ** 2),
+        "HardSigmoid": (
+            lambda z: np.clip(alpha * z + beta, 0.0, 1.0),
+            lambda z: alpha * ((alpha * z + beta > 0) & (alpha * z + beta < 1)),
+        ),
+        "HardSwish": (
+            lambda z: z * np.clip(z / 6 + 0.5, 0.0, 1.0),
+            lambda z: np.where(z <= -3, 0.0, np.where(z >= 3, 1.0, z / 3 + 0.5)),
+        ),
+        "LeakyRelu": (
+            lambda z: np.where(z > 0, z, alpha * z),
+            lambda z: np.where(z > 0, 1.0, alpha),
+        ),
+        "Elu": (
+            lambda z: np.where(z > 0, z, alpha * (np.exp(np.minimum(z, 0)) - 1)),
+            lambda z: np.where(z > 0, 1.0, alpha * np.exp(np.minimum(z, 0))),
+        ),
+        "Mul": ("mul", None),
     }
-    fn = table.get(op)
-    return None if fn is None else Step("act", fn=fn)
+    if op not in table:
+        return None
+    fn, grad = table[op]
+    return Step("act", fn=fn, grad=grad)
 
 
 def _silu(steps: list[Step]) -> list[Step]:
     """x * Sigmoid(x) arrives as [Sigmoid, Mul]: one step."""
-    import keras
-
     out = []
     for step in steps:
         if step.fn == "mul":
-            out[-1] = Step("act", fn=keras.ops.silu)
+            out[-1] = Step(
+                "act",
+                fn=lambda z: z * _sigmoid(z),
+                grad=lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z))),
+            )
         else:
             out.append(step)
     return out
