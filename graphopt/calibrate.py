@@ -1,5 +1,5 @@
 """Calibration of a rewrite on real data, written once over a small backend interface
-(SPEC "Calibration"): reconstruction site by site, agreement on held-out samples, accuracy
+(docs/calibration.md): reconstruction site by site, agreement on held-out samples, accuracy
 control and per-site group counts.
 
 A backend (graphopt/backends/*_calib.py) knows how to build the rewrite with given weights and

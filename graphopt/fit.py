@@ -1,4 +1,4 @@
-"""The `fit` initialisation of SPEC.md: choose K and L so that a linear site approximates the
+"""The `fit` initialisation of docs/method.md: choose K and L so that a linear site approximates the
 original pointwise convolution, `W ~ (I + L P) K`, by alternating least squares over the
 blocks. NumPy only; each backend turns its weights into `W` (F x Cin) and back.
 

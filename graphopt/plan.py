@@ -1,4 +1,4 @@
-"""The rules of SPEC.md and their accounting: pure integers, no framework.
+"""The rules of docs/method.md and their accounting: pure integers, no framework.
 
 A *site* is a pointwise convolution. Its plan says how many *groups* K and L get, the
 *interleave* step, whether L exists, and what that costs in parameters and
@@ -111,7 +111,7 @@ class SitePlan:
 
     @property
     def saves(self) -> bool:
-        """Whether the replacement holds fewer parameters than the conv (SPEC: "Sites that save
+        """Whether the replacement holds fewer parameters than the conv (docs/method.md: "Sites that save
         nothing"); with Cin = F and two groups it does not."""
         return self.params_after < self.params_before
 

@@ -1,4 +1,4 @@
-"""NumPy reference of one site, written from SPEC.md independently of any backend."""
+"""NumPy reference of one site, written from docs/method.md independently of any backend."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def _model(block: str) -> str:
 @pytest.mark.parametrize("job", ["github", pytest.param("gitlab", marks=pytest.mark.slow)])
 def test_ci_job_commands_run_as_documented(job, tmp_path):
     block = BLOCKS[job]
-    assert 'pip install "pwgroup[cpu,html]"' in block
+    assert 'pip install "pwgroup[cpu,keras,html]"' in block
     commands = _commands(block)
     assert len(commands) == 2 and "--fail-under 80" in commands[0]
     summary = tmp_path / "summary.md"

@@ -1,4 +1,4 @@
-"""The layers a rewrite inserts compute exactly what SPEC.md says, fast or not."""
+"""The layers a rewrite inserts compute exactly what docs/method.md says, fast or not."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ SEPARABLE = ("SeparableConv1D", "SeparableConv2D")
 
 
 def _groups(cin: int, filters: int, m: int = 16) -> int:
-    """SPEC.md step 1, written out again for the tests."""
+    """docs/method.md, the plan of one site, step 1, written out again for the tests."""
     return max(d for d in range(1, max(1, cin // m) + 1) if cin % d == 0 and filters % d == 0)
 
 

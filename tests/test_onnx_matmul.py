@@ -57,7 +57,7 @@ def test_matmul_sites_are_found_counted_and_run(mode, dense_sequences):
 
 def _dense_equivalent(new, plan, name):
     """The (Cin x F) matrix and bias of a rewritten linear site, from its new initializers,
-    computed with the NumPy reference of SPEC.md (K, interleave, L, sum) on an identity."""
+    computed with the NumPy reference of docs/method.md (K, interleave, L, sum) on an identity."""
     inits = _inits(new)
 
     def keras_layout(key):  # (N, in/N, F/N) -> Keras' grouped (in/N, F)

@@ -1,4 +1,4 @@
-"""The rules of SPEC.md as pure integers."""
+"""The rules of docs/method.md as pure integers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's Table 2, to the parameter, through the real command line (SPEC.md)."""
+"""The paper's Table 2, to the parameter, through the real command line (docs/method.md)."""
 
 from __future__ import annotations
 

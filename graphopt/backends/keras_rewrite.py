@@ -227,7 +227,7 @@ class KerasRewrite:
     # ---- the replacement ------------------------------------------------------------------
 
     def _replace(self, site: _Site, x):
-        """K -> (BN -> act) -> interleave -> L -> (BN' -> act) -> sum, per SPEC.md."""
+        """K -> (BN -> act) -> interleave -> L -> (BN' -> act) -> sum, per docs/method.md."""
         layers = site.replacement or self._make_layers(site)
         site.replacement = layers
         if "depthwise" in layers:  # a separable conv: its depthwise half stays as it was

@@ -97,7 +97,7 @@ def session(
     """An onnxruntime session. Every session that is timed (`timing=True`) has its worker
     threads' spinning off and a fixed thread count (`timing_threads`): otherwise the threads
     of one session busy-wait after each run and steal the cores of the next session timed in
-    turn (NOTES.md: B0 at batch 1 read 15-25 ms with spinning, 9-11 ms without)."""
+    turn (measured here: B0 at batch 1 read 15-25 ms with spinning, 9-11 ms without)."""
     ort = runtime.onnxruntime(purpose)
     options = options or ort.SessionOptions()
     options.log_severity_level = 4
