@@ -111,8 +111,8 @@ class SitePlan:
 
     @property
     def saves(self) -> bool:
-        """Whether the replacement holds fewer parameters than the conv (docs/method.md: "Sites that save
-        nothing"); with Cin = F and two groups it does not."""
+        """Whether the replacement holds fewer parameters than the conv (docs/method.md,
+        "Sites that save nothing"); with Cin = F and two groups it does not."""
         return self.params_after < self.params_before
 
     @property

@@ -1,4 +1,4 @@
-"""How closely a rewritten model follows its original on the same inputs (docs/calibration.md, "Agreement").
+"""How closely a rewritten model follows its original on the same inputs (docs/calibration.md).
 
 An output holds class scores when its last axis (2 entries or more) holds probabilities (no
 value below 0, each position summing to 1, as after a softmax) or log-probabilities (no value

@@ -224,23 +224,25 @@ def fit_paper(
     `chain(K x) + chain'(L P chain(K x))`, from K fitted alone to the pre-activation `pre` and a
     small L. `steps` are the original's BN (fixed in K's branch) and activation."""
     b = _Blocks(plan)
-    x = np.asarray(x, np.float64)
-    target = np.asarray(target, np.float64)
     if not plan.has_l:  # the output is P u: K's own outputs answer to P^T pre
         unpermuted = np.empty_like(pre)
         unpermuted[:, b.perm] = pre
         pre = unpermuted
     start_k, start_bias = _k_alone_rows(b, x, pre, plan.use_bias)
+    x = np.asarray(x, np.float32)  # the steps in float32, as a framework would take them
+    target = np.asarray(target, np.float32)
     rng = np.random.default_rng(seed)
     site = _PaperSite(plan, b, steps, start_k, start_bias if plan.use_bias else None, rng)
-    norm2 = float(np.mean(target**2)) or 1.0
+    norm2 = float(np.mean(target.astype(np.float64) ** 2)) or 1.0
     adam = _Adam(site.params, 3e-3, iterations)
     batch = min(PAPER_BATCH, len(x))
     for _ in range(iterations):
         pick = rng.integers(0, len(x), batch)
         out, tape = site.forward(x[pick])
-        adam.step(site.backward(2 * (out - target[pick]) / (out.size * norm2), tape))
-    pred = np.concatenate([site.forward(x[i : i + 8192])[0] for i in range(0, len(x), 8192)])
+        scale = np.float32(2 / (out.size * norm2))
+        adam.step(site.backward((out - target[pick]) * scale, tape))
+    chunks = range(0, len(x), 8192)
+    pred = np.concatenate([site.forward(x[i : i + 8192])[0] for i in chunks]).astype(np.float64)
     l_norm = None
     if site.norm_index is not None and plan.has_l:
         eps = steps[site.norm_index].epsilon
@@ -255,7 +257,7 @@ def fit_paper(
         None if "l" not in p else p["l"].reshape(plan.filters, b.s).astype(np.float32),
         None if "kb" not in p else p["kb"].astype(np.float32),
         None if "lb" not in p else p["lb"].astype(np.float32),
-        relative_error(pred, target),
+        relative_error(pred, target.astype(np.float64)),
         l_norm,
     )
 
@@ -264,54 +266,64 @@ class _PaperSite:
     """The paper site's forward pass on rows, and its gradients written out (a tape of each
     step's input): K -> branch -> interleave -> L -> branch' (BN' trained) -> sum."""
 
-    def __init__(self, plan: SitePlan, b: _Blocks, steps, start_k, start_bias, rng):
-        self.plan, self.b, self.steps = plan, b, steps
+    def __init__(self, plan, b: _Blocks, steps, start_k, start_bias, rng, dtype=np.float32):
+        self.plan, self.b, self.steps, self.dtype = plan, b, steps, dtype
         self.norm_index = next((i for i, s in enumerate(steps) if s.kind == "affine"), None)
         self.inverse = np.argsort(b.perm)
-        self.params = {"k": np.array(start_k, np.float64)}
+        self.params = {"k": np.array(start_k, np.float32)}
         if start_bias is not None:
-            self.params["kb"] = np.array(start_bias, np.float64)
+            self.params["kb"] = np.array(start_bias, np.float32)
         if plan.has_l:
             limit = 0.1 * np.sqrt(6.0 / (2 * b.s))
-            self.params["l"] = rng.uniform(-limit, limit, (b.n, b.s, b.s))
+            self.params["l"] = rng.uniform(-limit, limit, (b.n, b.s, b.s)).astype(np.float32)
             if plan.use_bias:
-                self.params["lb"] = np.zeros(plan.filters)
+                self.params["lb"] = np.zeros(plan.filters, np.float32)
             if self.norm_index is not None:
-                self.params["scale"] = np.ones(plan.filters)
-                self.params["shift"] = np.zeros(plan.filters)
+                self.params["scale"] = np.ones(plan.filters, np.float32)
+                self.params["shift"] = np.zeros(plan.filters, np.float32)
+        self.params = {k: v.astype(dtype) for k, v in self.params.items()}
+        self.fixed = [
+            (s.scale.astype(dtype), s.shift.astype(dtype)) if s.kind == "affine" else None
+            for s in steps
+        ]
 
     def _grouped(self, w, rows):
+        """Rows through the block-diagonal matrix of blocks `w` (N, out, in): one batched
+        matrix product over the groups."""
         n = len(rows)
-        return np.einsum("ngc,gsc->ngs", rows.reshape(n, self.b.n, -1), w).reshape(n, -1)
+        by_group = rows.reshape(n, self.b.n, -1).transpose(1, 0, 2)  # (N, n, in)
+        return np.matmul(by_group, w.transpose(0, 2, 1)).transpose(1, 0, 2).reshape(n, -1)
 
     def _grouped_back(self, w, rows, d):
         """(gradient of the blocks, gradient of the rows) of `_grouped(w, rows)` given `d`."""
         n = len(rows)
-        dr, rr = d.reshape(n, self.b.n, -1), rows.reshape(n, self.b.n, -1)
-        return np.einsum("ngs,ngc->gsc", dr, rr), np.einsum("ngs,gsc->ngc", dr, w).reshape(n, -1)
+        dg = d.reshape(n, self.b.n, -1).transpose(1, 0, 2)  # (N, n, out)
+        rg = rows.reshape(n, self.b.n, -1).transpose(1, 0, 2)  # (N, n, in)
+        d_rows = np.matmul(dg, w).transpose(1, 0, 2).reshape(n, -1)
+        return np.matmul(dg.transpose(0, 2, 1), rg), d_rows
 
     def _branch(self, z, trained: bool, tape: list):
-        for step in self.steps:
+        for step, fixed in zip(self.steps, self.fixed):
             tape.append(z)
             if step.kind == "act":
-                z = np.asarray(step.fn(z), np.float64)
+                z = np.asarray(step.fn(z), self.dtype)
             elif trained:
                 z = z * self.params["scale"] + self.params["shift"]
             else:
-                z = z * step.scale + step.shift
+                z = z * fixed[0] + fixed[1]
         return z
 
     def _branch_back(self, d, trained: bool, tape: list, grads: dict):
         for i in reversed(range(len(self.steps))):
             step, z = self.steps[i], tape[i]
             if step.kind == "act":
-                d = d * step.derivative(z)
+                d = d * np.asarray(step.derivative(z), self.dtype)
             elif trained:
                 grads["scale"] = np.sum(d * z, axis=0)
                 grads["shift"] = np.sum(d, axis=0)
                 d = d * self.params["scale"]
             else:
-                d = d * step.scale
+                d = d * self.fixed[i][0]
         return d
 
     def forward(self, rows):

@@ -37,7 +37,7 @@ def _structured(plan, seed=0):
 
 
 def _reference_matrix(plan, fitted):
-    """The site's F x Cin map rebuilt with the NumPy reference of docs/method.md (on an identity)."""
+    """The site's F x Cin map rebuilt with the NumPy reference (docs/method.md) on an identity."""
     eye = np.eye(plan.cin)
     return linear_site(
         eye, fitted.kw.T, plan.groups, None, None if fitted.lw is None else fitted.lw.T

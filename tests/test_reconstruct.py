@@ -77,7 +77,8 @@ def test_paper_site_gradients_match_finite_differences(cin, filters, bias):
         Step("act", fn=lambda z: z / (1 + np.exp(-z))),
     ]
     start_k = rng.normal(size=(b.n, b.s, b.c)) / np.sqrt(b.c)
-    site = _PaperSite(plan, b, steps, start_k, rng.normal(size=filters) if bias else None, rng)
+    bias0 = rng.normal(size=filters) if bias else None
+    site = _PaperSite(plan, b, steps, start_k, bias0, rng, dtype=np.float64)  # exact enough
     if plan.has_l:
         site.params["l"] *= 10  # away from the small init, so that L's path counts
     x, target = rng.normal(size=(16, cin)), rng.normal(size=(16, filters))
