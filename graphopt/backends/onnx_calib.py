@@ -50,7 +50,7 @@ class OnnxCalibration(RewriteOptions):
                 weight.astype(np.float64),
                 None if site.bias is None else site.bias.astype(np.float64),
                 strides,
-                1,
+                -1 if site.kind == "matmul" else 1,
                 _silu(steps),
             )
             names = [n for group in site.params.values() for n in group]
@@ -58,14 +58,17 @@ class OnnxCalibration(RewriteOptions):
                 del sites[name]  # weights calibration cannot reach in place: they keep init
                 continue
             handles[name] = {k: [initializers[n] for n in v] for k, v in site.params.items()}
+            handles[name]["kind"] = site.kind
         return Built(model, report, sites, handles)
 
     def update(self, built: Built, name: str, fitted) -> None:
         params = built.handles[name]
+        groups = next(p.groups for p in built.report.sites if p.name == name)
+        layout = _matmul_layout if params["kind"] == "matmul" else _conv_layout
         rank = len(params["K"][0].dims) - 2
-        arrays = {"K": [fitted.kw.reshape(fitted.kw.shape + (1,) * rank), fitted.k_bias]}
+        arrays = {"K": [layout(fitted.kw, groups, rank), fitted.k_bias]}
         if "L" in params:
-            arrays["L"] = [fitted.lw.reshape(fitted.lw.shape + (1,) * rank), fitted.l_bias]
+            arrays["L"] = [layout(fitted.lw, groups, rank), fitted.l_bias]
         if fitted.l_norm is not None and "BN'" in params:
             scale, shift = fitted.l_norm
             arrays["BN'"] = [scale, shift, np.zeros_like(scale), np.ones_like(scale)]
@@ -149,6 +152,17 @@ class OnnxCalibration(RewriteOptions):
             outputs = session.run(names, feed)
             parts.append([_take(o, ax, count) for o, ax in zip(outputs, self._axes)])
         return [np.concatenate(c, axis=ax) for c, ax in zip(zip(*parts), self._axes)]
+
+
+def _conv_layout(kernel: np.ndarray, groups: int, rank: int) -> np.ndarray:
+    """F x in/N (graphopt.fit's layout) as a grouped Conv's weight, F x in/N x 1..."""
+    return kernel.reshape(kernel.shape + (1,) * rank)
+
+
+def _matmul_layout(kernel: np.ndarray, groups: int, rank: int) -> np.ndarray:
+    """F x in/N as a grouped MatMul's weight, N x in/N x F/N (see SiteBuilder.given_matmul)."""
+    filters, width = kernel.shape
+    return np.ascontiguousarray(kernel.reshape(groups, filters // groups, width).transpose(0, 2, 1))
 
 
 def _padded(array: np.ndarray, size: int) -> np.ndarray:

@@ -354,9 +354,11 @@ class _OnnxRewrite:
             self.skipped.append(plan)
             return
         base = node.name or label
-        if self.init == FIT:
+        fitted = self.weights.get(label)  # calibrated
+        if fitted is None and self.init == FIT:
             fitted = fit_site(weight.T, plan, bias)
             plan = dataclasses.replace(plan, fit_error=fitted.error)
+        if fitted is not None:
             weights = {
                 "K": self.build.given_matmul(f"{base}_K", fitted.kw, fitted.k_bias, plan.groups)
             }
@@ -370,6 +372,12 @@ class _OnnxRewrite:
             if plan.has_l:
                 weights["L"] = self.build.fresh_matmul(plan, f"{base}_L", dtype, filters, use_bias)
         self.sites.append(plan)
+        if graph is self.main and self.collect:
+            final = (chain[-1] if chain else last_node).outputs[0]
+            self.found[label] = FoundSite(
+                node.inputs[0].name, final.name, np.asarray(weight).T, bias, {}, pulled(chain),
+                {k: [t.name for t in v] for k, v in weights.items()}, kind="matmul",
+            )  # fmt: skip
         old = [node] + ([bias_node] if bias_node else [])
         for n in old:
             self.removed_weights.update(t.name for t in n.inputs[1:] if isinstance(t, gs.Constant))
@@ -473,6 +481,9 @@ class FoundSite:
     params: dict = field(default_factory=dict)
     """"K", "L" (weight, bias) and "BN'" (scale, shift, mean, var): the names of the new
     weights in the rewritten model, filled in once they are made."""
+    kind: str = "conv"
+    """"conv" (channels on axis 1, weights F x Cin/N x 1...) or "matmul" (channels last,
+    weights N x Cin/N x F/N)."""
 
 
 @dataclass(frozen=True)
