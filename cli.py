@@ -553,7 +553,7 @@ def _finetune(graphopt, args, sources: list[str]) -> int:
         if graphopt.model_kind(source) != "keras":
             return _fail(
                 f"{source}: finetune takes Keras models; fine-tune an ONNX model in the framework "
-                "it came from (see the README)"
+                "it came from (see docs/finetune.md)"
             )
     from graphopt.runtime import require_keras
 

@@ -83,7 +83,7 @@ def rewrite(
 
     A subclassed keras.Model (hand-written `call`) is copied (its get_config/from_config, or
     `factory()` when given) and each pointwise conv layer object it tracks is swapped for a
-    layer computing the site; see README, "Subclassed Keras models".
+    layer computing the site; see docs/library.md, "Subclassed Keras models".
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")

@@ -267,7 +267,7 @@ def quality_lines(report: Report) -> list[str]:
         )
     kept = [s.name for s in report.sites if s.site_error is None]
     if quality.calibrated and kept:
-        lines.append(  # see README: which sites calibration cannot fit
+        lines.append(  # docs/calibration.md: which sites calibration cannot fit
             f"  {len(kept)} of {len(report.sites)} sites not fitted, fresh init (first: {kept[0]})"
         )
     in_context = [s for s in report.sites if s.context_error is not None]

@@ -15,7 +15,7 @@ from hypothesis import settings  # noqa: E402
 # fail by chance: every run tries the same examples, and every example that ever failed is kept
 # as an explicit @example. `HYPOTHESIS_PROFILE=random` (or `--hypothesis-profile=random`) runs
 # them randomized with ten times the examples (1000 where a test sets no count), by hand
-# (README, "Tests and benchmarks").
+# (docs/testing.md).
 settings.register_profile("derandomized", derandomize=True, database=None, print_blob=True)
 settings.register_profile("random", derandomize=False, max_examples=1000, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomized"))

@@ -229,10 +229,10 @@ def test_usage_errors_are_one_line(args, needle):
     assert err.endswith(f"(see pwgroup {args[0]} --help)")
 
 
-def test_help_of_max_site_error_states_the_default_the_readme_does():
+def test_help_of_max_site_error_states_the_default_the_docs_do():
     from graphopt.calibrate import DEFAULT_SITE_ERROR
 
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "docs", "cli.md"), encoding="utf-8") as f:
         row = next(line for line in f if line.startswith("| `--max-site-error"))
     default = re.search(r"\(default: [^)]*\)", row).group(0)
     assert f"; {DEFAULT_SITE_ERROR:g} without targets)" in default
