@@ -177,7 +177,8 @@ def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit
             skipped.append(Skipped(layer.name, reason))
             selected_out.add(layer.name)
             continue
-        site = _site(layer, kind, shape, options, sites, skipped, fit)
+        groups = selection.groups_for(layer.name)
+        site = _site(layer, kind, shape, options, sites, skipped, fit, groups)
         if site is not None:
             new_for[id(layer)] = site
     for parent in layers:
@@ -185,7 +186,7 @@ def _replace_sites(model, options: _Options, sites, skipped, selection=None, fit
     return selected_out
 
 
-def _site(layer, kind: str, shape, options: _Options, sites, skipped, fit: bool):
+def _site(layer, kind: str, shape, options: _Options, sites, skipped, fit: bool, groups=None):
     """The PointwiseSite replacing `layer` (None when the group rule leaves it)."""
     from graphopt.backends.keras_rewrite import pointwise_kernel
 
@@ -198,6 +199,8 @@ def _site(layer, kind: str, shape, options: _Options, sites, skipped, fit: bool)
         use_bias=layer.use_bias,
         min_channels_per_group=options.min_channels_per_group,
         positions=_positions(layer, kind, shape),
+        groups=groups,
+        mode=options.mode,
         kind=kind,
     )
     if isinstance(plan, Skipped):
