@@ -420,18 +420,10 @@ def _write_text(path: str, text: str, inputs: list[str]) -> None:
     for source in inputs:
         if os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
             raise OSError(f"{path}: refusing to overwrite the input model")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pwgroup-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from graphopt.atomic import replacing
+
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _run_one(graphopt, args, source: str, output: str | None):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from graphopt.atomic import replacing
 from graphopt.data import Samples
 from graphopt.errors import InputError, UsageError
 
@@ -136,16 +136,8 @@ def record(folder: str, options: dict) -> None:
 
 def write_json(path: str, data: dict) -> None:
     """Written to a temporary file, flushed to disk, then renamed over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
 
 
 def _read(folder: str) -> dict | None:

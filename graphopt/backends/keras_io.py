@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import zipfile
 
 from graphopt.errors import InputError, UnsafeModelError, UnsupportedModelError, UsageError
@@ -114,14 +113,10 @@ def load_keras_file(path: str, trust_model: bool = False):
 
 def save_keras(model, path: str) -> None:
     """Write `model` to `path` atomically: a temporary .keras file beside it, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.keras")
-    try:
+    from graphopt.atomic import replacing
+
+    with replacing(path, suffix=".tmp.keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def cpu_layout_limit(exc: BaseException) -> str | None:
