@@ -101,3 +101,29 @@ def test_paper_site_gradients_match_finite_differences(cin, filters, bias):
             numeric = (up - down) / 2e-5
             got = grads[name].reshape(-1)[index]
             assert got == pytest.approx(numeric, rel=1e-3, abs=1e-3), name
+
+
+@pytest.mark.parametrize(
+    "name", ["relu", "relu6", "sigmoid", "tanh", "silu", "hard_sigmoid", "hard_silu", "elu"]
+)
+def test_keras_activations_written_out_in_numpy_match_keras(name):
+    """Calibration runs Keras' activations as NumPy functions with their derivatives: the same
+    values as Keras, and derivatives matching Keras' own gradients."""
+    import keras
+    import tensorflow as tf
+
+    from graphopt.backends.keras_calib import _activation_step
+
+    fn = keras.activations.get(name)
+    step = _activation_step(fn)
+    assert step.grad is not None, "written out, not run through Keras"
+    z = np.linspace(-7, 7, 2001).astype(np.float32)
+    z = z[np.abs(z - np.round(z)) > 1e-3]  # off the kinks (0, 6, +-3)
+    t = tf.constant(z)
+    with tf.GradientTape() as tape:
+        tape.watch(t)
+        y = fn(t)
+    np.testing.assert_allclose(step.fn(z.astype(np.float64)), y.numpy(), atol=1e-5)
+    np.testing.assert_allclose(step.grad(z.astype(np.float64)), tape.gradient(y, t), atol=1e-4)
+    relu6 = _activation_step(keras.layers.ReLU(max_value=6.0))
+    np.testing.assert_allclose(relu6.fn(np.array([-1.0, 3.0, 9.0])), [0, 3, 6])

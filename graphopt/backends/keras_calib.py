@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from graphopt import activations as act
 from graphopt.backends.keras_io import cpu_layouts
 from graphopt.backends.keras_rewrite import depthwise_half, pointwise_kernel, put_fitted
 from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
@@ -70,7 +71,7 @@ class KerasCalibration(RewriteOptions):
         steps = []
         if self.mode == PAPER:
             if keras.activations.serialize(layer.activation) != "linear":
-                steps.append(Step("act", fn=_on_numpy(layer.activation)))
+                steps.append(_activation_step(layer.activation))
             steps += [_step(node.operation) for node in site.chain]
         conv = site.plan.kind == "conv"  # a separable conv strides in its depthwise half
         channels_first = getattr(layer, "data_format", None) == "channels_first"
@@ -152,13 +153,42 @@ def _step(layer) -> Step:
             (beta - mean * scale).astype(np.float64),
             float(layer.epsilon),
         )
-    return Step("act", fn=_on_numpy(layer))
+    return _activation_step(layer)
 
 
-def _on_numpy(fn):
-    """A Keras activation (function or layer) as a function of NumPy arrays."""
+_BY_NAME = {
+    "relu": act.relu,
+    "relu6": lambda: act.clip(0.0, 6.0),
+    "sigmoid": act.logistic,
+    "tanh": act.tanh,
+    "silu": act.silu,
+    "swish": act.silu,
+    "hard_sigmoid": lambda: act.hard_sigmoid(1 / 6, 0.5),
+    "hard_silu": act.hard_swish,
+    "hard_swish": act.hard_swish,
+    "elu": lambda: act.elu(1.0),
+    "leaky_relu": lambda: act.leaky_relu(0.2),
+}
+"""Keras activations (by their serialised name) written out in NumPy with derivatives."""
+
+
+def _activation_step(fn) -> Step:
+    """A Keras activation (function or layer) as a Step on NumPy arrays: written out for the
+    common ones, else Keras run on the array (its derivative by differences)."""
+    if isinstance(fn, keras.layers.ReLU):
+        config = fn.get_config()
+        return act.relu_general(
+            config.get("max_value"), config.get("negative_slope", 0.0), config.get("threshold", 0.0)
+        )
+    if isinstance(fn, keras.layers.Activation):
+        fn = fn.activation
+    if not isinstance(fn, keras.layers.Layer):
+        name = keras.activations.serialize(fn)
+        name = name if isinstance(name, str) else None
+        if name in _BY_NAME:
+            return _BY_NAME[name]()
 
     def call(z: np.ndarray) -> np.ndarray:
         return keras.ops.convert_to_numpy(fn(keras.ops.convert_to_tensor(z, "float32")))
 
-    return call
+    return Step("act", fn=call)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt import activations as act
 from graphopt.backends.onnx_io import copy_fields
 from graphopt.calibrate import BATCH, Built, RewriteOptions, SiteInfo
 from graphopt.data import Samples
@@ -215,10 +216,6 @@ def _attr(node, name, default):
     return node.attrs.get(name, default)
 
 
-def _sigmoid(z):
-    return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow for large |z|
-
-
 def _step(node) -> Step | None:
     """The NumPy description of a pulled node; None for one calibration cannot model."""
     op = node.op
@@ -233,39 +230,22 @@ def _step(node) -> Step | None:
         bounds = node.constants[1:3]
         low = bounds[0] if len(bounds) > 0 and bounds[0] is not None else _attr(node, "min", None)
         high = bounds[1] if len(bounds) > 1 and bounds[1] is not None else _attr(node, "max", None)
-        low = -np.inf if low is None else float(low)
-        high = np.inf if high is None else float(high)
-        return Step(
-            "act", fn=lambda z: np.clip(z, low, high), grad=lambda z: ((z > low) & (z < high)) * 1.0
+        return act.clip(
+            -np.inf if low is None else float(low), np.inf if high is None else float(high)
         )
     alpha = float(_attr(node, "alpha", {"LeakyRelu": 0.01, "HardSigmoid": 0.2}.get(op, 1.0)))
     beta = float(_attr(node, "beta", 0.5))
-    table = {
-        "Relu": (lambda z: np.maximum(z, 0), lambda z: (z > 0) * 1.0),
-        "Sigmoid": (_sigmoid, lambda z: _sigmoid(z) * (1 - _sigmoid(z))),
-        "Tanh": (np.tanh, lambda z: 1 - np.tanh(z) ** 2),
-        "HardSigmoid": (
-            lambda z: np.clip(alpha * z + beta, 0.0, 1.0),
-            lambda z: alpha * ((alpha * z + beta > 0) & (alpha * z + beta < 1)),
-        ),
-        "HardSwish": (
-            lambda z: z * np.clip(z / 6 + 0.5, 0.0, 1.0),
-            lambda z: np.where(z <= -3, 0.0, np.where(z >= 3, 1.0, z / 3 + 0.5)),
-        ),
-        "LeakyRelu": (
-            lambda z: np.where(z > 0, z, alpha * z),
-            lambda z: np.where(z > 0, 1.0, alpha),
-        ),
-        "Elu": (
-            lambda z: np.where(z > 0, z, alpha * (np.exp(np.minimum(z, 0)) - 1)),
-            lambda z: np.where(z > 0, 1.0, alpha * np.exp(np.minimum(z, 0))),
-        ),
-        "Mul": ("mul", None),
+    makers = {
+        "Relu": act.relu,
+        "Sigmoid": act.logistic,
+        "Tanh": act.tanh,
+        "HardSigmoid": lambda: act.hard_sigmoid(alpha, beta),
+        "HardSwish": act.hard_swish,
+        "LeakyRelu": lambda: act.leaky_relu(alpha),
+        "Elu": lambda: act.elu(alpha),
+        "Mul": lambda: Step("act", fn="mul"),
     }
-    if op not in table:
-        return None
-    fn, grad = table[op]
-    return Step("act", fn=fn, grad=grad)
+    return makers[op]() if op in makers else None
 
 
 def _silu(steps: list[Step]) -> list[Step]:
@@ -273,11 +253,7 @@ def _silu(steps: list[Step]) -> list[Step]:
     out = []
     for step in steps:
         if step.fn == "mul":
-            out[-1] = Step(
-                "act",
-                fn=lambda z: z * _sigmoid(z),
-                grad=lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z))),
-            )
+            out[-1] = act.silu()
         else:
             out.append(step)
     return out
