@@ -342,13 +342,14 @@ class Calibration:
         if self.targets.auto_groups and self.targets.wanted() and self.targets.met(outputs):
             grown = self._grow(infos, selection, self.weights, curve)
             if grown != selection:
-                model, report, weights = self._sequential(grown)
+                kept = model, report, outputs, self.distilled
+                model, report, _ = self._sequential(grown)
                 model, outputs = self._distilled(model)
                 curve.append(self._point(report, outputs, []) | {"refitted": True})
-                if not self.targets.met(outputs):
-                    model, report, outputs, _ = self._control(
-                        grown, weights, report, outputs, curve
-                    )
+                if not self.targets.met(outputs):  # the point before growing held: keep it
+                    self.say("refitted whole, the grown rewrite misses the targets: not grown")
+                    model, report, outputs, self.distilled = kept
+                    curve.append(self._point(report, outputs, []) | {"kept_before_growing": True})
         report.skipped = [_with_shape(s, infos) for s in report.skipped]
         report.quality = Quality(
             len(self.fit), len(self.held_out), True, outputs, self.targets, curve, self.ladder,

@@ -12,6 +12,7 @@ import pytest
 import graphopt
 from fixtures import fashion_mnist
 from graphopt.errors import InputError, UsageError
+from graphopt.plan import Selection
 from graphopt.report import quality_lines
 from tests.conftest import REPO, run_pwgroup
 
@@ -79,6 +80,9 @@ def test_accuracy_control_holds_the_agreement_on_unseen_images(trained, images):
     assert quality.agreement >= 0.97
     assert 0 < report.totals.reduction_pct  # some sites are rewritten
     assert quality.ladder and quality.ladder[0]["reduction_pct"] >= report.totals.reduction_pct
+    # growing from the loosest bound that held only adds to its cut
+    held = [p["reduction_pct"] for p in quality.ladder if p["agreement"] >= 0.97]
+    assert report.totals.reduction_pct >= max(held)
     reasons = [s.reason for s in report.skipped]
     assert any("--groups auto" in r or "kept for agreement" in r for r in reasons)
     # the held-out promise carries to images no choice was made on (a few points of slack)
@@ -557,3 +561,45 @@ def test_onnx_matmul_sites_are_calibrated_like_convs(mode):
     rebuilt = adapter.build(Selection(), job.weights).model
     for a, b in zip(adapter.run(calibrated, held), adapter.run(rebuilt, held)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_groups_auto_with_a_target_reports_the_bounds_it_tried_and_validates():
+    """--groups auto with a target bisects over the site-error bounds, each tried as a whole
+    calibration: the loosest that holds is kept, and every point tried is in the JSON report,
+    which the schema accepts."""
+    import jsonschema
+
+    from fixtures.onnx_models import pytorch_style
+    from graphopt.report import SCHEMA_PATH
+
+    model = pytorch_style()
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = np.random.default_rng(0).random((40, *dims[1:])).astype(np.float32)
+    _, report = graphopt.rewrite(
+        model, mode="linear", calibration=data, groups="auto", max_output_error=0.058
+    )
+    quality = report.quality
+    assert quality.output_error <= 0.058 and len(quality.ladder) >= 3
+    held = [p for p in quality.ladder if p["output_error"] <= 0.058]
+    assert report.totals.reduction_pct == max(p["reduction_pct"] for p in held)
+    assert any(p["output_error"] > 0.058 for p in quality.ladder)  # a looser bound was tried
+    jsonschema.validate(json.loads(report.to_json()), json.load(open(SCHEMA_PATH)))
+
+
+def test_a_grown_rewrite_that_misses_the_target_once_refitted_is_not_kept(monkeypatch):
+    """Growing fits each changed site alone; refitted whole, the result might miss the target:
+    then the point before growing, which held, is kept."""
+    from fixtures.onnx_models import pytorch_style
+    from graphopt.calibrate import Calibration
+
+    model = pytorch_style()
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = np.random.default_rng(0).random((40, *dims[1:])).astype(np.float32)
+    options = dict(mode="linear", calibration=data, groups="auto", max_output_error=0.058)
+    _, before = graphopt.rewrite(model, **options)
+    everything = Selection()  # every site at the rule's groups: 0.091, over the target
+    monkeypatch.setattr(Calibration, "_grow", lambda self, *args: everything)
+    _, report = graphopt.rewrite(model, **options)
+    assert report.totals == before.totals and report.quality.output_error <= 0.058
+    assert report.quality.curve[-1].get("kept_before_growing")
+    assert report.quality.curve[-2]["output_error"] > 0.058
