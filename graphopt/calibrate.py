@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -222,7 +221,7 @@ def _rows(array: np.ndarray, info: SiteInfo, keep: int, seed) -> np.ndarray:
     return per_sample.reshape(-1, x.shape[-1]).astype(np.float32)  # float64 only to fit
 
 
-def _capture_rows(backend, model, samples, infos, keys, budget) -> dict[str, np.ndarray]:
+def _capture_rows(backend, model, samples, infos, keys, budget, ids) -> dict[str, np.ndarray]:
     """Rows of each site's input over `samples` (at most `budget` rows per site); the same
     positions for the same site and samples, whichever model they are read from."""
     names = list(infos)
@@ -232,7 +231,7 @@ def _capture_rows(backend, model, samples, infos, keys, budget) -> dict[str, np.
     parts: dict[str, list] = {n: [] for n in names}
     for index, arrays in enumerate(backend.capture(model, samples, keys)):
         for n, array in zip(names, arrays):
-            parts[n].append(_rows(array, infos[n], keep, (index, zlib.crc32(n.encode()))))
+            parts[n].append(_rows(array, infos[n], keep, (index, ids[n])))
     return {n: np.concatenate(parts[n])[:budget] for n in names}
 
 
@@ -324,9 +323,15 @@ class Calibration:
         original = self.backend.original
         self.say(f"reading the inputs of {len(infos)} sites in the original model")
         keys = [i.x_original for i in infos.values()]
-        self.x_fit = _capture_rows(self.backend, original, self.fit, infos, keys, ROWS_PER_SITE)
+        # positions are picked by the site's place in network order, not its name: names in a
+        # tf2onnx export depend on what TensorFlow traced before in the process
+        self.ids = {name: i for i, name in enumerate(infos)}
+        ids = self.ids
+        self.x_fit = _capture_rows(
+            self.backend, original, self.fit, infos, keys, ROWS_PER_SITE, ids
+        )
         self.x_hold = _capture_rows(
-            self.backend, original, self.held_out, infos, keys, ROWS_PER_SITE
+            self.backend, original, self.held_out, infos, keys, ROWS_PER_SITE, ids
         )
         self.reference = self.backend.run(original, self.held_out)
         selection = self.selection
@@ -509,10 +514,11 @@ class Calibration:
             # their init. Where it is what the original passes on (nothing rewritten
             # upstream), a second fit would be the first one again.
             one, key = {name: info}, [info.x_rewritten]
-            xr_fit = _capture_rows(self.backend, built.model, self.fit, one, key, ROWS_PER_SITE)
-            xr_fit = xr_fit[name]
+            xr_fit = _capture_rows(
+                self.backend, built.model, self.fit, one, key, ROWS_PER_SITE, self.ids
+            )[name]
             xr_hold = _capture_rows(
-                self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE
+                self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE, self.ids
             )[name]
             if not np.array_equal(xr_fit, xo_fit):
                 candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed, xo_fit)
@@ -596,7 +602,7 @@ class Calibration:
                     continue
                 x = _capture_rows(
                     self.backend, built.model, self.fit, {name: info}, [info.x_rewritten],
-                    ROWS_PER_SITE,
+                    ROWS_PER_SITE, self.ids,
                 )[name]  # fmt: skip
                 fitted = solve(info, info.plan, x, self.seed, self.x_fit[name])
                 self.backend.update(built, name, fitted)

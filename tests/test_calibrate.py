@@ -512,9 +512,11 @@ def test_sites_left_by_groups_auto_keep_their_shape_in_the_report():
 @pytest.mark.slow
 def test_a_keras_model_and_its_tf2onnx_export_calibrate_alike(trained):
     """The same algorithm over both backends: the Fashion-MNIST CNN and its tf2onnx export
-    (BatchNormalization folded into the convs), every site rewritten in linear mode and
-    calibrated on the same 1,000 images, read 2,000 test images within a point of each other
-    (76.30% and 75.90%)."""
+    (BatchNormalization folded into the convs, so the ONNX sites have biases the Keras ones
+    lack), every site rewritten in linear mode and calibrated on the same 1,000 images at the
+    same positions, read 2,000 test images within two points of each other (74.70% and
+    76.50%). Positions are picked by the site's place in network order: by name, the export's
+    figure moved with what TensorFlow had traced before in the process (75.90% or 77.80%)."""
     import onnxruntime as ort
 
     calib, _ = fashion_mnist.load("train", 1000)
@@ -529,7 +531,7 @@ def test_a_keras_model_and_its_tf2onnx_export_calibrate_alike(trained):
     )
     keras_accuracy = np.mean(keras_new.predict(test, verbose=0).argmax(-1) == labels)
     onnx_accuracy = np.mean(onnx_scores.argmax(-1) == labels)
-    assert keras_accuracy > 0.7 and abs(keras_accuracy - onnx_accuracy) <= 0.01
+    assert keras_accuracy > 0.7 and abs(keras_accuracy - onnx_accuracy) <= 0.02
 
 
 @pytest.mark.parametrize("mode", ["linear", "paper"])
