@@ -455,7 +455,7 @@ def finetune(
     lines = verbose == "auto" or (verbose and not keras_verbose)
     prefix = f"worker {index + 1}/{workers}: " if workers > 1 else ""
     log = _EpochLog(settle, epochs, prefix if lines else None, on_epoch)
-    callbacks = [kd.EpochEnd(log)]
+    callbacks = [kd.InterruptBetweenSteps(), kd.EpochEnd(log)]
     if folder:
         checkpoint.record(folder, options)
         if resumed_at and lines:

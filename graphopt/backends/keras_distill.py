@@ -205,6 +205,42 @@ class Distiller(keras.Model):
         return total
 
 
+class InterruptBetweenSteps(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) during `fit` stops training after the step that is running, by raising
+    KeyboardInterrupt there. Raised inside TensorFlow's kernels instead, with oneDNN on it
+    corrupted the heap now and then ("free(): invalid next size", SIGABRT) where it should
+    have said which epoch the checkpoint holds. A second Ctrl-C interrupts at once."""
+
+    def on_train_begin(self, logs=None):
+        import signal
+        import threading
+
+        self.asked, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._ask)
+
+    def _ask(self, number, frame):
+        import signal
+
+        self.asked = True
+        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.asked:
+            self._restore()
+            raise KeyboardInterrupt
+
+    def on_train_end(self, logs=None):
+        self._restore()
+
+    def _restore(self):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 class EpochEnd(keras.callbacks.Callback):
     """Calls `report(epoch, loss, seconds, steps)` after each epoch (after the checkpoint when
     it comes after BackupAndRestore in the callbacks)."""
