@@ -314,12 +314,11 @@ def load(source: str, *, classes: int | None = None, input_shape=None, trust_mod
     return keras_io.load_keras_file(source, trust_model=trust_model)
 
 
-APPLICATION_PREFIX = "keras.applications:"
-
-
 def model_kind(source: str) -> str:
     """'keras', 'onnx' or 'application'; raises InputError for anything else or a missing file."""
-    if source.startswith(APPLICATION_PREFIX):
+    from graphopt.backends.keras_io import is_application_name  # imports no Keras
+
+    if is_application_name(source):
         return "application"
     ext = os.path.splitext(source)[1].lower()
     if ext not in (".keras", ".h5", ".hdf5", ".onnx"):

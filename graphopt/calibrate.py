@@ -326,13 +326,8 @@ class Calibration:
         # positions are picked by the site's place in network order, not its name: names in a
         # tf2onnx export depend on what TensorFlow traced before in the process
         self.ids = {name: i for i, name in enumerate(infos)}
-        ids = self.ids
-        self.x_fit = _capture_rows(
-            self.backend, original, self.fit, infos, keys, ROWS_PER_SITE, ids
-        )
-        self.x_hold = _capture_rows(
-            self.backend, original, self.held_out, infos, keys, ROWS_PER_SITE, ids
-        )
+        self.x_fit = self._rows(original, self.fit, infos, keys)
+        self.x_hold = self._rows(original, self.held_out, infos, keys)
         self.reference = self.backend.run(original, self.held_out)
         selection = self.selection
         if self.targets.auto_groups:
@@ -361,6 +356,11 @@ class Calibration:
             self.distilled,
         )  # fmt: skip
         return model, report
+
+    def _rows(self, model, samples, infos, keys) -> dict[str, np.ndarray]:
+        """Rows of the sites' inputs in `model`, at the positions the same sites give in
+        every model (`_capture_rows`)."""
+        return _capture_rows(self.backend, model, samples, infos, keys, ROWS_PER_SITE, self.ids)
 
     def _distilled(self, model):
         """(model, held-out outputs), after --distill-steps when asked for."""
@@ -514,12 +514,8 @@ class Calibration:
             # their init. Where it is what the original passes on (nothing rewritten
             # upstream), a second fit would be the first one again.
             one, key = {name: info}, [info.x_rewritten]
-            xr_fit = _capture_rows(
-                self.backend, built.model, self.fit, one, key, ROWS_PER_SITE, self.ids
-            )[name]
-            xr_hold = _capture_rows(
-                self.backend, built.model, self.held_out, one, key, ROWS_PER_SITE, self.ids
-            )[name]
+            xr_fit = self._rows(built.model, self.fit, one, key)[name]
+            xr_hold = self._rows(built.model, self.held_out, one, key)[name]
             if not np.array_equal(xr_fit, xo_fit):
                 candidates["rewritten"] = solve(info, info.plan, xr_fit, self.seed, xo_fit)
             scored = {
@@ -600,10 +596,7 @@ class Calibration:
                 info = built.sites.get(name)
                 if info is None:
                     continue
-                x = _capture_rows(
-                    self.backend, built.model, self.fit, {name: info}, [info.x_rewritten],
-                    ROWS_PER_SITE, self.ids,
-                )[name]  # fmt: skip
+                x = self._rows(built.model, self.fit, {name: info}, [info.x_rewritten])[name]
                 fitted = solve(info, info.plan, x, self.seed, self.x_fit[name])
                 self.backend.update(built, name, fitted)
                 outputs = self._compare(built.model)
